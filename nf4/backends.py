@@ -1,0 +1,107 @@
+"""Which implementation runs an operation: a choice behind the ops, not a second API.
+
+Backends:
+    ``reference``  pure PyTorch (``nf4.reference``); any device; the oracle.
+    ``triton``     Triton kernels (``nf4.kernels``); CUDA tensors, or CPU tensors when
+                   ``TRITON_INTERPRET=1`` (the interpreter, for CI).
+    ``cuda``       the compiled extension ``nf4._C``; CUDA tensors.
+
+Selection: ``nf4.set_backend(name)`` overrides ``NF4_BACKEND``; with neither, a CUDA tensor goes to
+the fastest available backend (cuda, then triton, then reference) and a CPU tensor to the
+reference. An explicit choice that cannot serve a tensor raises rather than silently falling back.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("reference", "triton", "cuda")
+# Modules implementing the backend protocol: quantize, dequantize, matmul with the ops' signatures.
+_MODULES = {"reference": "nf4.reference_backend", "triton": "nf4.kernels", "cuda": "nf4.cuda_backend"}
+_AUTO_ORDER_CUDA = ("cuda", "triton", "reference")
+
+_override: Optional[str] = None
+_loaded: dict[str, ModuleType] = {}
+_load_errors: dict[str, str] = {}
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force a backend for every operation (``None`` restores automatic selection)."""
+    global _override
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    _override = name
+
+
+def get_backend() -> Optional[str]:
+    """The forced backend (``set_backend`` or ``NF4_BACKEND``), or None for automatic selection."""
+    if _override is not None:
+        return _override
+    env = os.environ.get("NF4_BACKEND", "").strip().lower()
+    if not env or env == "auto":
+        return None
+    if env not in BACKENDS:
+        raise ValueError(f"NF4_BACKEND must be one of {BACKENDS} or 'auto', got {env!r}")
+    return env
+
+
+def _load(name: str) -> Optional[ModuleType]:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _load_errors:
+        return None
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except ImportError as e:  # triton not installed, or the extension not built
+        _load_errors[name] = f"{type(e).__name__}: {e}"
+        log.debug("nf4 backend %s unavailable: %s", name, e)
+        return None
+    _loaded[name] = module
+    return module
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def supports(name: str, device: torch.device) -> bool:
+    if name == "reference":
+        return True
+    if name == "triton":
+        return (device.type == "cuda" or (device.type == "cpu" and _interpreting())) and _load(name) is not None
+    if name == "cuda":
+        return device.type == "cuda" and _load(name) is not None
+    return False
+
+
+def available(device: torch.device | str = "cuda") -> list[str]:
+    """The backends that can run tensors on ``device`` here."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if supports(b, device)]
+
+
+def resolve(device: torch.device) -> ModuleType:
+    """The backend module that runs an operation on tensors of ``device``."""
+    forced = get_backend()
+    if forced is not None:
+        if not supports(forced, device):
+            why = _load_errors.get(forced)
+            if forced == "triton" and device.type == "cpu" and why is None:
+                why = "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+            elif forced == "cuda" and device.type != "cuda":
+                why = "the cuda backend needs CUDA tensors"
+            raise RuntimeError(f"nf4 backend {forced!r} cannot run {device.type} tensors"
+                               + (f": {why}" if why else ""))
+        return _load(forced)
+    if device.type == "cuda":
+        for name in _AUTO_ORDER_CUDA:
+            if supports(name, device):
+                return _load(name)
+    return _load("reference")

@@ -1,0 +1,161 @@
+"""The single source of every quantization table in nf4.
+
+Nothing else in the project spells out a level or a threshold: the reference engine, the Triton
+kernels (as kernel arguments) and the CUDA kernels (through a header generated from
+:func:`cuda_header`) all read them from here.
+
+Note: NF4 derivation.
+    NF4 places 16 levels at quantiles of a standard normal distribution so that each level is
+    used about equally often by normally distributed weights (Dettmers et al., QLoRA, 2023).
+    Following the published construction, 8 positive levels sit at the quantiles
+    ``linspace(0.9677083, 0.5, 9)[:-1]`` and 7 negative ones at ``linspace(0.9677083, 0.5, 8)[:-1]``
+    (mirrored), plus an exact zero; the table is normalized by its largest entry. The quantile grid
+    is built in float32 and the levels end in float32, exactly as bitsandbytes builds its table, so
+    the 16 values agree bit for bit (``tests/test_codebook.py`` checks them against the literals).
+
+Note: decision thresholds.
+    A value is encoded as the level nearest to it. The decision boundaries are the midpoints of
+    adjacent levels, computed in float64 and rounded to float32; a value strictly above a
+    threshold takes the upper code, a value equal to it the lower one. For FP4 the thresholds are
+    bitsandbytes' published constants (they are the midpoints to 7 or 8 digits), because the GPU
+    decision tree that produced every fp4 checkpoint uses exactly those.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from scipy.stats import norm
+
+QUANT_TYPES = ("nf4", "fp4")
+
+# Offset of the outermost quantile: chosen by QLoRA so that the largest level sits at the
+# quantile that the 16-level table can still represent symmetrically (1 - 1/(2*15.5)-ish).
+NF4_QUANTILE_OFFSET = 0.9677083
+
+# FP4 (E2M1 as bitsandbytes lays it out): codes 0..7 are magnitudes, bit 3 is the sign.
+FP4_MAGNITUDES_UNSCALED = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+FP4_SIGN_BIT = 0b1000
+# bitsandbytes' decision constants on |x| (x > t takes the upper magnitude).
+FP4_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+
+# Double quantization: the absmax values are quantized blockwise with the signed dynamic map.
+NESTED_BLOCKSIZE = 256
+DYNAMIC_MAP_EXPONENT_BITS = 7
+
+
+@functools.cache
+def _nf4_levels() -> tuple[float, ...]:
+    pos_q = torch.linspace(NF4_QUANTILE_OFFSET, 0.5, 9)[:-1].numpy().astype(np.float64)
+    neg_q = torch.linspace(NF4_QUANTILE_OFFSET, 0.5, 8)[:-1].numpy().astype(np.float64)
+    values = np.concatenate([norm.ppf(pos_q), -norm.ppf(neg_q), [0.0]])
+    levels = torch.tensor(values, dtype=torch.float32).sort().values
+    levels = levels / levels.max()
+    return tuple(levels.tolist())
+
+
+@functools.cache
+def _fp4_levels() -> tuple[float, ...]:
+    mags = torch.tensor(FP4_MAGNITUDES_UNSCALED, dtype=torch.float32) / 12.0
+    # Code 8 (sign bit, magnitude 0) decodes to -0.0, so that dequantizing is sign * magnitude.
+    return tuple(mags.tolist()) + tuple((-mags).tolist())
+
+
+def levels(quant_type: str) -> torch.Tensor:
+    """The 16 float32 values that codes 0..15 decode to (before scaling by absmax)."""
+    check_quant_type(quant_type)
+    table = _nf4_levels() if quant_type == "nf4" else _fp4_levels()
+    return torch.tensor(table, dtype=torch.float32)
+
+
+def nf4_thresholds() -> torch.Tensor:
+    """15 float32 decision thresholds between adjacent NF4 levels (x > t: upper code)."""
+    lv = np.array(_nf4_levels(), dtype=np.float64)
+    return torch.tensor((lv[:-1] + lv[1:]) / 2.0, dtype=torch.float32)
+
+
+def fp4_thresholds() -> torch.Tensor:
+    """7 float32 decision thresholds on |x| between FP4 magnitudes sorted ascending."""
+    return torch.tensor(FP4_THRESHOLDS, dtype=torch.float32)
+
+
+def fp4_sorted_codes() -> torch.Tensor:
+    """FP4 magnitude codes (0..7) in ascending order of magnitude: index i of a bucketize over
+    :func:`fp4_thresholds` maps to code ``fp4_sorted_codes()[i]``."""
+    mags = torch.tensor(FP4_MAGNITUDES_UNSCALED)
+    return torch.argsort(mags).to(torch.uint8)
+
+
+def zero_code(quant_type: str) -> int:
+    """The code of 0.0, used to pad the last nibble of an odd element count."""
+    check_quant_type(quant_type)
+    return levels("nf4").tolist().index(0.0) if quant_type == "nf4" else 0
+
+
+@functools.cache
+def _dynamic_map() -> tuple[float, ...]:
+    values: list[float] = []
+    for i in range(DYNAMIC_MAP_EXPONENT_BITS):
+        boundaries = torch.linspace(0.1, 1, 2**i + 1)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        scaled = 10 ** (i - (DYNAMIC_MAP_EXPONENT_BITS - 1)) * means
+        values += scaled.tolist()
+        values += (-scaled).tolist()
+    values += [0.0, 1.0]
+    return tuple(torch.tensor(sorted(values), dtype=torch.float32).tolist())
+
+
+def dynamic_map() -> torch.Tensor:
+    """The signed 8-bit dynamic map (256 float32 values, ascending) used for double quantization."""
+    return torch.tensor(_dynamic_map(), dtype=torch.float32)
+
+
+def dynamic_map_thresholds() -> torch.Tensor:
+    """255 float32 midpoints of adjacent dynamic-map values (x > t: upper code).
+
+    Computed in float32 as (a + b) * 0.5, the rounding bitsandbytes' nearest-value search uses."""
+    m = dynamic_map()
+    return (m[:-1] + m[1:]) * 0.5
+
+
+def check_quant_type(quant_type: str) -> None:
+    if not isinstance(quant_type, str) or quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def cuda_header() -> str:
+    """C++ source of ``csrc/generated/codebook.h``: the tables above as constexpr arrays.
+
+    setup.py writes it before building the extension, so the CUDA kernels never hold a pasted copy.
+    """
+    def arr(name: str, values) -> str:
+        body = ", ".join(repr_f32(v) for v in values)
+        return f"constexpr float {name}[{len(values)}] = {{{body}}};"
+
+    lines = [
+        "// Generated by nf4/codebook.py (cuda_header). Do not edit: edit the codebook instead.",
+        "#pragma once",
+        "namespace nf4 {",
+        arr("kNF4Levels", levels("nf4").tolist()),
+        arr("kNF4Thresholds", nf4_thresholds().tolist()),
+        arr("kFP4Levels", levels("fp4").tolist()),
+        arr("kFP4Thresholds", fp4_thresholds().tolist()),
+        "constexpr unsigned char kFP4SortedCodes[8] = {"
+        + ", ".join(str(int(c)) for c in fp4_sorted_codes().tolist()) + "};",
+        arr("kDynamicMap", dynamic_map().tolist()),
+        arr("kDynamicMapThresholds", dynamic_map_thresholds().tolist()),
+        f"constexpr int kNestedBlocksize = {NESTED_BLOCKSIZE};",
+        f"constexpr int kNF4ZeroCode = {zero_code('nf4')};",
+        "}  // namespace nf4",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def repr_f32(v: float) -> str:
+    """A C float literal that parses back to exactly the float32 value ``v`` (hex float)."""
+    f = float(np.float32(v))
+    if f == 0.0:
+        return "-0.0f" if np.signbit(f) else "0.0f"
+    return f"{f.hex()}f"
