@@ -1,0 +1,105 @@
+"""Helpers every benchmark shares: timing, environment stamp, and RESULTS.md sections.
+
+Each benchmark owns one section of ``bench/RESULTS.md`` between ``<!-- NAME:start -->`` and
+``<!-- NAME:end -->`` and rewrites only that section, so benchmarks run separately never clobber
+each other. When ``$OUT`` is set (the GPU machine), the section is also written to
+``$OUT/results_NAME.md``; ``python -m bench.common apply FILE...`` merges such files here.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+_HEADER = "# Benchmark results\n\nWritten by the scripts in `bench/`; each section says where and when it was measured.\n"
+
+
+def bench_ms(fn: Callable[[], object], quantiles=(0.5, 0.2, 0.8), warmup: int = 25, rep: int = 100):
+    """(median, p20, p80) milliseconds of ``fn`` via triton.testing.do_bench (L2 flushed)."""
+    from triton.testing import do_bench  # optional: benchmarks run on the GPU machine only
+
+    return tuple(do_bench(fn, warmup=warmup, rep=rep, quantiles=list(quantiles)))
+
+
+def commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("NF4_COMMIT", "unknown")
+    return sha + ("+dirty" if dirty else "")
+
+
+def stamp() -> str:
+    """One line: GPU, date, commit, software versions."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    parts = [f"GPU: {gpu}", f"date: {datetime.date.today().isoformat()}", f"commit: {commit()}",
+             f"torch {torch.__version__}"]
+    try:
+        import triton
+        parts.append(f"triton {triton.__version__}")
+    except ImportError:
+        pass
+    try:
+        import bitsandbytes
+        parts.append(f"bitsandbytes {bitsandbytes.__version__}")
+    except ImportError:
+        parts.append("bitsandbytes: not installed")
+    return ", ".join(parts)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _replace_section(text: str, name: str, body: str) -> str:
+    block = f"<!-- {name}:start -->\n{body.strip()}\n<!-- {name}:end -->"
+    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text)
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace this benchmark's section of RESULTS.md (and copy it to $OUT when set)."""
+    text = RESULTS.read_text() if RESULTS.exists() else _HEADER
+    RESULTS.write_text(_replace_section(text, name, body))
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, f"results_{name}.md").write_text(f"<!-- {name}:start -->\n{body.strip()}\n<!-- {name}:end -->\n")
+    print(body)
+
+
+def apply(paths: Sequence[str]) -> None:
+    """Merge section files (``results_NAME.md`` from $OUT) into RESULTS.md."""
+    text = RESULTS.read_text() if RESULTS.exists() else _HEADER
+    for p in paths:
+        content = Path(p).read_text()
+        m = re.search(r"<!-- (\S+):start -->\n(.*)\n<!-- \1:end -->", content, re.S)
+        if not m:
+            raise ValueError(f"{p}: no <!-- NAME:start --> ... <!-- NAME:end --> section")
+        text = _replace_section(text, m.group(1), m.group(2))
+    RESULTS.write_text(text)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] != "apply":
+        sys.exit("usage: python -m bench.common apply results_NAME.md [...]")
+    apply(sys.argv[2:])

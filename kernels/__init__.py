@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``nf4.kernels`` (the Triton backend)."""
