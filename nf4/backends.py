@@ -7,8 +7,8 @@ Backends:
     ``cuda``       the compiled extension ``nf4._C``; CUDA tensors.
 
 Selection: ``nf4.set_backend(name)`` overrides ``NF4_BACKEND``; with neither, a CUDA tensor goes to
-the fastest available backend (cuda, then triton, then reference) and a CPU tensor to the
-reference. An explicit choice that cannot serve a tensor raises rather than silently falling back.
+the fastest available backend for that operation (``_AUTO_ORDER_CUDA``) and a CPU tensor to
+the reference. An explicit choice that cannot serve a tensor raises rather than silently falling back.
 """
 from __future__ import annotations
 
@@ -25,7 +25,14 @@ log = logging.getLogger(__name__)
 BACKENDS = ("reference", "triton", "cuda")
 # Modules implementing the backend protocol: quantize, dequantize, matmul with the ops' signatures.
 _MODULES = {"reference": "nf4.reference_backend", "triton": "nf4.kernels", "cuda": "nf4.cuda_backend"}
-_AUTO_ORDER_CUDA = ("cuda", "triton", "reference")
+# Automatic choice on CUDA tensors, per operation: the extension's quantize/dequantize are the
+# memory-bound fast path, while the fused dequantize-in-registers matmul lives in Triton (the cuda
+# backend's matmul is dequantize + cuBLAS, the large-batch fallback).
+_AUTO_ORDER_CUDA = {
+    "quantize": ("cuda", "triton", "reference"),
+    "dequantize": ("cuda", "triton", "reference"),
+    "matmul": ("triton", "cuda", "reference"),
+}
 
 _override: Optional[str] = None
 _loaded: dict[str, ModuleType] = {}
@@ -87,8 +94,8 @@ def available(device: torch.device | str = "cuda") -> list[str]:
     return [b for b in BACKENDS if supports(b, device)]
 
 
-def resolve(device: torch.device) -> ModuleType:
-    """The backend module that runs an operation on tensors of ``device``."""
+def resolve(device: torch.device, op: str) -> ModuleType:
+    """The backend module that runs operation ``op`` (quantize, dequantize, matmul) on ``device``."""
     forced = get_backend()
     if forced is not None:
         if not supports(forced, device):
@@ -101,7 +108,7 @@ def resolve(device: torch.device) -> ModuleType:
                                + (f": {why}" if why else ""))
         return _load(forced)
     if device.type == "cuda":
-        for name in _AUTO_ORDER_CUDA:
+        for name in _AUTO_ORDER_CUDA[op]:
             if supports(name, device):
                 return _load(name)
     return _load("reference")

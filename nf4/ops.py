@@ -104,7 +104,7 @@ def check_matmul_args(A, bias, out_features, in_features) -> None:
 def quantize(A: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_quantize_args(A, blocksize, quant_type)
-    return backends.resolve(A.device).quantize(A.contiguous(), blocksize, quant_type, double_quant)
+    return backends.resolve(A.device, "quantize").quantize(A.contiguous(), blocksize, quant_type, double_quant)
 
 
 @quantize.register_fake
@@ -128,7 +128,7 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Option
                ) -> torch.Tensor:
     device = check_dequantize_args(packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                    nested_blocksize, quant_type, shape, dtype)
-    return backends.resolve(device).dequantize(
+    return backends.resolve(device, "dequantize").dequantize(
         packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
         quant_type, list(shape), dtype)
 
@@ -151,7 +151,7 @@ def dequantize_out(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Op
                          f"{list(out.shape)} on {out.device}")
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
-    backends.resolve(device).dequantize(
+    backends.resolve(device, "dequantize").dequantize(
         packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
         quant_type, list(shape), dtype, out=out)
 
@@ -172,7 +172,7 @@ def matmul(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                                    nested_blocksize, quant_type, (out_features, in_features), A.dtype)
     check_matmul_args(A, bias, out_features, in_features)
     _check_same_device(A=A, packed=packed, bias=bias)
-    return backends.resolve(device).matmul(
+    return backends.resolve(device, "matmul").matmul(
         A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
         quant_type, out_features, in_features, bias)
 
