@@ -12,23 +12,33 @@ is chosen per device behind one API (see ``nf4.backends``).
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
 import torch
 
-from nf4 import codebook, ops  # noqa: F401  (ops registers torch.ops.nf4.*)
+from nf4 import codebook, ops
 from nf4.quant_state import QuantState, num_blocks
 
 __all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "matmul_4bit", "get_4bit_type",
            "quantize_nf4", "quantize_fp4", "dequantize_nf4", "dequantize_fp4"]
 
 
-@functools.lru_cache(maxsize=None)
+# Tables on the CPU, built once at import; per-device copies are cached so that eager calls make
+# no host-to-device copy. Under torch.compile the copy is traced instead (a cache lookup keyed by
+# device is not traceable, and the compiled graph keeps the table as a constant anyway).
+_CPU_TABLES = {"nf4": codebook.levels("nf4"), "fp4": codebook.levels("fp4"),
+               "dynamic": codebook.dynamic_map()}
+_DEVICE_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
 def _table(kind: str, device: torch.device) -> torch.Tensor:
-    t = codebook.dynamic_map() if kind == "dynamic" else codebook.levels(kind)
-    return t.to(device)
+    if torch.compiler.is_compiling():
+        return _CPU_TABLES[kind].to(device)
+    key = (kind, device)
+    if key not in _DEVICE_TABLES:
+        _DEVICE_TABLES[key] = _CPU_TABLES[kind].to(device)
+    return _DEVICE_TABLES[key]
 
 
 def get_4bit_type(typename: str, device=None, blocksize: int = 64) -> torch.Tensor:
@@ -66,7 +76,11 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
     Returns:
         ``(packed, quant_state)`` with packed of shape ``[ceil(n/2) / itemsize, 1]``.
     """
-    packed, am, nested, offset = torch.ops.nf4.quantize(A, blocksize, quant_type, compress_statistics)
+    # Checked here too, not only inside the op: the op's schema would turn a wrong Python type
+    # (blocksize=64.0) into an opaque RuntimeError before its own check runs.
+    ops.check_quantize_args(A, blocksize, quant_type)
+    packed, am, nested, offset = torch.ops.nf4.quantize(A, blocksize, quant_type,
+                                                        bool(compress_statistics))
     device = A.device
     if compress_statistics:
         state2 = QuantState(absmax=nested, code=_table("dynamic", device),

@@ -224,7 +224,7 @@ class QuantState:
                 raise TypeError(f"quant state {k!r} must be a tensor, got {type(items[k]).__name__}")
 
         def to_dev(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if t is None or device is None else t.to(device)
+            return t if t is None or device is None else t.to(device)
 
         shape = items["shape"]
         if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool)

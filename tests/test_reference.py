@@ -1,0 +1,152 @@
+"""The reference engine against an fp32/fp64 model of the maths written independently here.
+
+The model: scale each block by its absmax, pick the NEAREST level by brute force (argmin over all
+16), compare. Properties from hypothesis (fixed seed, capped examples): codes are the nearest
+level, round-trip error within half a code step times absmax, idempotence, block independence,
+dtype/shape preservation, and the double-quant error bound.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import nf4
+from nf4 import codebook, reference
+
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@st.composite
+def tensors(draw, max_numel=3000):
+    ndim = draw(st.integers(1, 3))
+    dims = [draw(st.integers(1, 40)) for _ in range(ndim - 1)]
+    rest = max(1, max_numel // max(1, math.prod(dims)))
+    shape = dims + [draw(st.integers(1, rest))]
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**31 - 1))
+    dist = draw(st.sampled_from(["normal", "uniform", "outliers", "sparse", "tiny"]))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if dist == "uniform":
+        x = torch.rand(shape, generator=g) * 2 - 1
+    elif dist == "outliers":
+        x = x + (torch.rand(shape, generator=g) < 0.01) * 100.0
+    elif dist == "sparse":
+        x = x * (torch.rand(shape, generator=g) < 0.3)
+    elif dist == "tiny":
+        x = x * 1e-3
+    return x.to(dtype)
+
+
+blocksizes = st.sampled_from([32, 64, 128, 256, 1024, 4096])
+quant_types = st.sampled_from(["nf4", "fp4"])
+
+
+def model_codes(x: torch.Tensor, blocksize: int, quant_type: str):
+    """Nearest level by brute force in float64: (codes, scaled values, absmax per element)."""
+    flat = x.reshape(-1).double()
+    n = flat.numel()
+    pad = (-n) % blocksize
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, blocksize)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    scaled = torch.where(absmax > 0, blocks / absmax, torch.zeros_like(blocks)).reshape(-1)[:n]
+    levels = codebook.levels(quant_type).double()
+    codes = (scaled[:, None] - levels[None, :]).abs().argmin(1)
+    return codes, scaled, absmax.expand(-1, blocksize).reshape(-1)[:n]
+
+
+def near_a_midpoint(scaled: torch.Tensor, quant_type: str, tol: float = 1e-6) -> torch.Tensor:
+    lv = codebook.levels(quant_type).double().sort().values
+    mids = (lv[:-1] + lv[1:]) / 2
+    return ((scaled[:, None] - mids[None, :]).abs() < tol).any(1)
+
+
+@SETTINGS
+@given(x=tensors(), blocksize=blocksizes, quant_type=quant_types)
+def test_codes_are_the_nearest_level(x, blocksize, quant_type):
+    packed, absmax = reference.quantize(x, blocksize, quant_type)
+    ours = reference.unpack(packed, x.numel())
+    expected, scaled, am = model_codes(x, blocksize, quant_type)
+    levels = codebook.levels(quant_type).double()
+    # The model ranks levels by value; where two codes share a value (fp4's +0/-0) compare values.
+    same = levels[ours] == levels[expected]
+    zero_block = am == 0
+    undecided = near_a_midpoint(scaled, quant_type)
+    assert bool((same | zero_block | undecided).all())
+    assert bool((ours[zero_block] == 0).all())
+    torch.testing.assert_close(absmax, reference.blockwise_absmax(x.reshape(-1), blocksize), rtol=0, atol=0)
+
+
+@SETTINGS
+@given(x=tensors(), blocksize=blocksizes, quant_type=quant_types)
+def test_round_trip_error_within_half_a_step(x, blocksize, quant_type):
+    packed, state = nf4.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
+    out = nf4.dequantize_4bit(packed, state)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    _, scaled, am = model_codes(x, blocksize, quant_type)
+    lv = codebook.levels(quant_type).double().sort().values
+    # Half the gap between the two levels around each scaled value.
+    idx = torch.bucketize(scaled.clamp(-1, 1), lv).clamp(1, len(lv) - 1)
+    half_gap = (lv[idx] - lv[idx - 1]) / 2
+    err = (out.reshape(-1).double() - x.reshape(-1).double()).abs()
+    # Plus the rounding of the output dtype (half an ulp of |x| <= absmax) and of fp32 scaling.
+    eps = {torch.float32: 2**-24, torch.float16: 2**-11, torch.bfloat16: 2**-8}[x.dtype]
+    bound = am * (half_gap + 1e-6) + am * eps
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+@SETTINGS
+@given(x=tensors(), blocksize=blocksizes, quant_type=quant_types)
+def test_quantizing_a_dequantized_tensor_is_idempotent(x, blocksize, quant_type):
+    x = x.float()  # fp32 output keeps level * absmax exact enough to land on the same code
+    packed, state = nf4.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
+    again, state2 = nf4.quantize_4bit(nf4.dequantize_4bit(packed, state), blocksize=blocksize,
+                                      quant_type=quant_type)
+    assert torch.equal(state.absmax, state2.absmax)
+    a, b = reference.unpack(packed, x.numel()), reference.unpack(again, x.numel())
+    levels = codebook.levels(quant_type)
+    assert torch.equal(levels[a], levels[b])
+
+
+@SETTINGS
+@given(x=tensors(), blocksize=blocksizes, quant_type=quant_types, data=st.data())
+def test_blocks_are_independent(x, blocksize, quant_type, data):
+    flat = x.reshape(-1).clone()
+    n = flat.numel()
+    blocks = -(-n // blocksize)
+    b = data.draw(st.integers(0, blocks - 1))
+    packed, state = nf4.quantize_4bit(flat, blocksize=blocksize, quant_type=quant_type)
+    changed = flat.clone()
+    changed[b * blocksize: (b + 1) * blocksize] *= -3
+    packed2, state2 = nf4.quantize_4bit(changed, blocksize=blocksize, quant_type=quant_type)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[b * blocksize: (b + 1) * blocksize] = False
+    assert torch.equal(reference.unpack(packed, n)[keep], reference.unpack(packed2, n)[keep])
+    others = torch.arange(blocks) != b
+    assert torch.equal(state.absmax[others], state2.absmax[others])
+
+
+@SETTINGS
+@given(x=tensors(max_numel=20000), blocksize=st.sampled_from([32, 64, 128]), quant_type=quant_types)
+def test_double_quant_error_bound(x, blocksize, quant_type):
+    _, plain = nf4.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
+    _, dq = nf4.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=True)
+    absmax = reference.dequantize_absmax(dq.absmax, dq.state2.absmax, dq.state2.code, dq.offset, 256)
+    m = codebook.dynamic_map().double()
+    half_gap = float((m[1:] - m[:-1]).max() / 2)  # 0.007: the map's coarsest step, near +-1
+    scale = dq.state2.absmax.double().repeat_interleave(256)[: absmax.numel()]
+    err = (absmax.double() - plain.absmax.double()).abs()
+    # Plus fp32 rounding of code * scale + offset (a few ulp of the offset's magnitude).
+    bound = scale * half_gap + 4 * 2**-24 * (plain.absmax.double().abs() + abs(float(dq.offset)))
+    assert bool((err <= bound).all())
+    assert float(dq.offset) == pytest.approx(float(plain.absmax.double().mean()), rel=1e-5)
+
+
+def test_fp4_signed_zero_and_sign_bit():
+    x = torch.tensor([-0.0, 0.0, -1.0, 1.0, -0.25, 0.25])
+    packed, absmax = reference.quantize(x, 32, "fp4")
+    codes = reference.unpack(packed, x.numel()).tolist()
+    assert codes == [0, 0, 0b1011, 0b0011, 0b1111, 0b0111]
