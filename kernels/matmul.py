@@ -1,0 +1,252 @@
+"""Fused 4-bit matmul in Triton: ``y = x @ dequantize(W).T + bias`` (the ``triton`` backend's ``matmul``).
+
+The weight is read in bitsandbytes' layout as stored: ``[out, in]`` row-major, two codes per
+byte (element 2j in the high nibble), with its absmax (double-quantized or not) decoded in the
+same kernel; nothing is converted at load time. Three paths, chosen by the token count ``M``
+(rows of ``x`` after flattening its leading dimensions):
+
+* ``gemv`` (M <= GEMV_MAX_M): a CUDA-core kernel; each program streams a strip of ``BLOCK_N``
+  weight rows once for all M tokens, in fp32 (level * x summed per absmax block, then scaled).
+  Weight bytes dominate, so the grid is made of many narrow strips (and split-K where N is small)
+  to keep all 132 SMs of an H100 streaming.
+* ``dot`` (up to DEQUANT_MIN_M): tiles of the weight dequantized in registers to x's dtype and
+  fed to ``tl.dot`` (tensor cores) with fp32 accumulation. The weight tile is the dot's first
+  operand (``acc[n, m]``), so a small token count is the narrow side of the MMA.
+* ``dequant`` (beyond): the weight is dequantized once (``torch.ops.nf4.dequantize``: the CUDA
+  extension when it is there, else the Triton kernel) and cuBLAS does the product, which it does
+  faster than a Triton tile loop once the product is compute-bound.
+
+Note: weight layouts the fast paths need.
+    The fused paths need ``in_features`` to be a multiple of ``blocksize``, so that every row
+    starts on a byte and on an absmax block (true of every transformer shape: 64 divides them).
+    Other shapes are rare and take the ``dequant`` path, which handles any element count.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .dequantize import block_absmax
+from .tables import device_tables
+
+# The largest token count the CUDA-core GEMV serves (tl.dot needs 16 rows, so below that the MMA
+# computes mostly padding; at 8 tokens the GEMV's FMAs still hide under the weight stream).
+GEMV_MAX_M = 8
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration. ``kind`` is ``gemv``, ``dot`` or ``dequant``."""
+    kind: str
+    block_m: int = 16      # tokens per program (gemv: all of them, a power of two <= 8)
+    block_n: int = 64      # weight rows per program
+    block_k: int = 64      # gemv: packed bytes per row per iteration; dot: elements per iteration
+    split_k: int = 1       # programs sharing one output tile along K (fp32 atomics when > 1)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def choose_config(M: int, N: int, K: int, blocksize: int, device: torch.device) -> Config:
+    """The configuration for an [M, K] x [N, K]^T product (see the table's comments for timings)."""
+    if K % blocksize:
+        return Config("dequant")  # See Note: weight layouts the fast paths need.
+    if M <= GEMV_MAX_M:
+        block_m = triton.next_power_of_2(M)
+        # Narrow strips so that N / block_n programs fill the GPU several times over.
+        block_n = 8 if N >= 8 * 512 else 4
+        return Config("gemv", block_m=block_m, block_n=block_n, block_k=256, num_warps=4)
+    if M <= 16:
+        return Config("dot", block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4)
+    if M <= 64:
+        return Config("dot", block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4)
+    if M <= 256:
+        return Config("dot", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)
+    return Config("dequant")
+
+
+@triton.jit
+def _store_tile(y_ptr, acc, rows, toks, M, N, stride_ym, bias_ptr,
+                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Write ``acc[n, m]`` to ``y[m, n]``: plain store (+ bias) or fp32 atomic add (split-K)."""
+    ptrs = y_ptr + toks[None, :].to(tl.int64) * stride_ym + rows[:, None]
+    ok = (rows[:, None] < N) & (toks[None, :] < M)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.atomic_add(ptrs, acc, mask=ok)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                 levels_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_ym, K_PER_SPLIT,
+                 BLOCKSIZE: tl.constexpr,         # elements per absmax block (divides K)
+                 NESTED: tl.constexpr,            # absmax double-quantized
+                 NESTED_BLOCKSIZE: tl.constexpr,  # absmax codes per nested_absmax value
+                 HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr,           # tokens, a power of two >= M
+                 BLOCK_N: tl.constexpr,           # weight rows per program
+                 BLOCK_KB: tl.constexpr,          # packed bytes per row per iteration
+                 SPLIT_K: tl.constexpr):          # programs along K
+    HALF: tl.constexpr = BLOCKSIZE // 2                                    # bytes per absmax block
+    HB: tl.constexpr = HALF if HALF < BLOCK_KB else BLOCK_KB               # bytes per sub-block
+    NB: tl.constexpr = BLOCK_KB // HB                                      # sub-blocks per iteration
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    KB = K // 2
+    KBLK = K // BLOCKSIZE
+    kb_start = tl.program_id(1) * (K_PER_SPLIT // 2)
+    kb_end = tl.minimum(KB, kb_start + K_PER_SPLIT // 2)
+    sub = tl.arange(0, NB)
+    in_tile = sub[:, None] * HB + tl.arange(0, HB)[None, :]               # [NB, HB]
+    tok = tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for kb0 in range(kb_start, kb_end, BLOCK_KB):
+        j = kb0 + in_tile
+        j_ok = j < kb_end
+        p = tl.load(packed_ptr + rows64[:, None, None] * KB + j[None, :, :],
+                    mask=row_ok[:, None, None] & j_ok[None, :, :], other=0).to(tl.int32)
+        lvl_hi = tl.load(levels_ptr + (p >> 4))                                # [BN, NB, HB]
+        lvl_lo = tl.load(levels_ptr + (p & 15))
+        blk = kb0 // HALF + sub
+        scale = block_absmax(absmax_ptr, rows64[:, None] * KBLK + blk[None, :],
+                             row_ok[:, None] & (blk < KBLK)[None, :], nested_absmax_ptr,
+                             nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)  # [BN, NB]
+        for m in tl.static_range(BLOCK_M):
+            x_ok = j_ok & (tl.full([NB, HB], m, tl.int32) < M)
+            xe = tl.load(x_ptr + m * stride_xm + 2 * j, mask=x_ok, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + m * stride_xm + 2 * j + 1, mask=x_ok, other=0.0).to(tl.float32)
+            part = tl.sum(lvl_hi * xe[None, :, :] + lvl_lo * xo[None, :, :], axis=2)  # [BN, NB]
+            dot = tl.sum(part * scale, axis=1)                                         # [BN]
+            acc += tl.where(tok[None, :] == m, dot[:, None], 0.0)
+    _store_tile(y_ptr, acc, rows, tok, M, N, stride_ym, bias_ptr, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _dot_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                levels_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_ym, K_PER_SPLIT,
+                BLOCKSIZE: tl.constexpr,         # elements per absmax block (divides K)
+                NESTED: tl.constexpr,            # absmax double-quantized
+                NESTED_BLOCKSIZE: tl.constexpr,  # absmax codes per nested_absmax value
+                HAS_BIAS: tl.constexpr,
+                BLOCK_M: tl.constexpr,           # tokens per program (>= 16)
+                BLOCK_N: tl.constexpr,           # weight rows per program (>= 16)
+                BLOCK_K: tl.constexpr,           # elements of K per iteration
+                SPLIT_K: tl.constexpr,           # programs along K
+                PRECISION: tl.constexpr,         # tl.dot input precision (ieee for fp32 x)
+                UPCAST_DOT: tl.constexpr):       # feed tl.dot fp32 (interpreter: see _upcast_dot)
+    SB: tl.constexpr = BLOCKSIZE if BLOCKSIZE < BLOCK_K else BLOCK_K       # elements per scale
+    NB: tl.constexpr = BLOCK_K // SB                                       # scales per row per tile
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    toks = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    tok_ok = toks < M
+    rows64 = rows.to(tl.int64)
+    KB = K // 2
+    KBLK = K // BLOCKSIZE
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        jb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        p = tl.load(packed_ptr + rows64[:, None] * KB + jb[None, :],
+                    mask=row_ok[:, None] & (jb < k_end // 2)[None, :], other=0).to(tl.int32)
+        w = tl.reshape(tl.join(tl.load(levels_ptr + (p >> 4)), tl.load(levels_ptr + (p & 15))),
+                       [BLOCK_N, BLOCK_K])
+        blk = k0 // BLOCKSIZE + tl.arange(0, NB)
+        scale = block_absmax(absmax_ptr, rows64[:, None] * KBLK + blk[None, :],
+                             row_ok[:, None] & (blk < KBLK)[None, :], nested_absmax_ptr,
+                             nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)  # [BN, NB]
+        if NB == 1:
+            w = w * scale
+        else:
+            w = tl.reshape(tl.reshape(w, [BLOCK_N, NB, SB]) * scale[:, :, None], [BLOCK_N, BLOCK_K])
+        kk = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + toks[None, :].to(tl.int64) * stride_xm + kk[:, None],
+                     mask=tok_ok[None, :] & (kk < k_end)[:, None], other=0.0)         # [BK, BM]
+        w = w.to(xt.dtype)
+        if UPCAST_DOT:
+            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+    _store_tile(y_ptr, acc, rows, toks, M, N, stride_ym, bias_ptr, HAS_BIAS, SPLIT_K)
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    """Triton's interpreter multiplies bf16 dot operands as their raw uint16 bits (3.9), so under
+    it the bf16-rounded operands are widened to fp32 first: same products, exact in fp32."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _k_per_split(K: int, split_k: int, step: int) -> int:
+    """K elements per split, a multiple of ``step`` (the iteration width) so splits never overlap."""
+    per = triton.cdiv(K, split_k)
+    return triton.cdiv(per, step) * step
+
+
+def launch(A2: torch.Tensor, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+           nested_blocksize, quant_type, N: int, bias: Optional[torch.Tensor], cfg: Config):
+    """Run one configuration on a 2-D ``A2`` [M, K] (last dimension contiguous)."""
+    M, K = A2.shape
+    if cfg.kind == "dequant":
+        W = torch.ops.nf4.dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                     nested_blocksize, quant_type, [N, K], A2.dtype)
+        return F.linear(A2, W, bias)
+    nested = nested_absmax is not None
+    levels = device_tables(A2.device).levels(quant_type)
+    if cfg.split_k > 1:
+        y = torch.zeros((M, N), dtype=torch.float32, device=A2.device)
+    else:
+        y = torch.empty((M, N), dtype=A2.dtype, device=A2.device)
+    step = 2 * cfg.block_k if cfg.kind == "gemv" else cfg.block_k
+    k_per_split = _k_per_split(K, cfg.split_k, step)
+    args = (A2, packed, absmax, nested_absmax if nested else absmax,
+            nested_code if nested else levels, offset if nested else levels, levels,
+            bias if bias is not None else levels, y, M, N, K, A2.stride(0), y.stride(0), k_per_split)
+    meta = dict(BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
+                HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.kind == "gemv":
+        if M > cfg.block_m:
+            raise ValueError(f"gemv config serves at most {cfg.block_m} tokens, got M={M}")
+        grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+        _gemv_kernel[grid](*args, BLOCK_KB=cfg.block_k, **meta)
+    else:
+        grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
+        precision = "ieee" if A2.dtype == torch.float32 else "tf32"
+        _dot_kernel[grid](*args, BLOCK_K=cfg.block_k, PRECISION=precision,
+                          UPCAST_DOT=_upcast_dot(A2.dtype), **meta)
+    if cfg.split_k > 1:
+        if bias is not None:
+            y += bias
+        y = y.to(A2.dtype)
+    return y
+
+
+def matmul(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+           nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+           offset: Optional[torch.Tensor], blocksize: int, nested_blocksize: int, quant_type: str,
+           out_features: int, in_features: int, bias: Optional[torch.Tensor],
+           config: Optional[Config] = None) -> torch.Tensor:
+    """Backend protocol: ``A [..., in] @ W.T + bias`` in A's dtype; ops.py has checked the metadata.
+
+    ``config`` overrides :func:`choose_config` (benchmarks and tests use it to pin a path)."""
+    lead = A.shape[:-1]
+    A2 = A.reshape(-1, in_features)
+    if A2.stride(-1) != 1:
+        A2 = A2.contiguous()
+    M = A2.shape[0]
+    if M == 0:
+        return A.new_empty((*lead, out_features))
+    cfg = config or choose_config(M, out_features, in_features, blocksize, A.device)
+    y = launch(A2, packed.reshape(-1), absmax, nested_absmax, nested_code, offset, blocksize,
+               nested_blocksize, quant_type, out_features, bias, cfg)
+    return y.reshape(*lead, out_features)
