@@ -1,0 +1,397 @@
+"""Safetensors checkpoints as untrusted input: header validation, shard indexes, streaming reads.
+
+A checkpoint folder holds ``model.safetensors`` or shards named by ``model.safetensors.index.json``.
+Every shard's header is parsed and checked before any byte of tensor data is used: dtype known,
+shape made of non-negative ints, ``data_offsets`` inside the file and exactly ``numel * itemsize``
+long, no two tensors overlapping. A truncated or corrupt shard, or an index naming a missing shard
+or a tensor its shard lacks, raises ValueError/FileNotFoundError naming the file and the tensor.
+Nothing is ever unpickled.
+
+Note: why the header is parsed here rather than through ``safe_open``.
+    The format is a little-endian u64 header length, a JSON header, then raw bytes. Knowing each
+    tensor's byte range lets the loader ``pread`` a tensor (or a chunk of one) straight into its
+    destination: a CPU tensor, or a pinned staging buffer whose bytes go to the GPU while the next
+    chunk is read by another thread. ``safe_open(...).get_tensor`` copies each tensor into a fresh
+    host tensor on one thread, which bounds the GPU path by one memcpy stream; the streaming
+    reader below keeps host memory at a few staging buffers and reads with several threads.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# safetensors' own dtype names -> torch dtypes (the subset torch can hold).
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# safetensors refuses headers above 100 MB; a real 8B shard's header is ~30 KB.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+# An index above this is not an index (Llama-3-405B's is ~150 KB).
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: ``shard`` file, absolute byte ``offset`` and ``nbytes``."""
+
+    name: str
+    shard: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse and validate one safetensors file's header; returns (entries by name, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: safetensors file not found")
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: {file_size} bytes, too short for a safetensors header (truncated?)")
+        header_len = int.from_bytes(head, "little")
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+            raise ValueError(f"{path}: header claims {header_len} bytes but the file holds {file_size} "
+                             f"(corrupt or truncated safetensors file)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: header is not valid UTF-8 JSON ({e}); corrupt safetensors file") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: __metadata__ must map strings to strings")
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        entries[name] = _entry(path, name, info, data_start, data_size)
+    spans = sorted((e.offset, e.offset + e.nbytes, e.name) for e in entries.values() if e.nbytes)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap (corrupt safetensors file)")
+    return entries, metadata
+
+
+def _entry(path: Path, name: str, info: object, data_start: int, data_size: int) -> TensorEntry:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: header entry must be an object, got {type(info).__name__}")
+    dtype = DTYPES.get(info.get("dtype"))
+    if dtype is None:
+        raise ValueError(f"{where}: dtype {info.get('dtype')!r} is not one of {sorted(DTYPES)}")
+    shape = info.get("shape")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"{where}: shape must be a list of non-negative ints, got {shape!r}")
+    offsets = info.get("data_offsets")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[1] < offsets[0]):
+        raise ValueError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise ValueError(f"{where}: {offsets[1] - offsets[0]} bytes of data for {info['dtype']} "
+                         f"{shape}, expected {nbytes}")
+    if offsets[1] > data_size:
+        raise ValueError(f"{where}: data ends at byte {offsets[1]} but the file holds {data_size} "
+                         f"bytes of data (truncated safetensors file)")
+    return TensorEntry(name, path, dtype, tuple(shape), data_start + offsets[0], nbytes)
+
+
+class Checkpoint:
+    """All tensors of a checkpoint folder (single file or sharded with an index), validated.
+
+    ``entries`` maps every tensor name to its TensorEntry; ``config`` is config.json's content.
+    """
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"{self.folder}: checkpoint folder not found")
+        self.config = read_config(self.folder)
+        self.shards = self._shard_files()
+        self.entries: dict[str, TensorEntry] = {}
+        self._index_map = self._read_index() if (self.folder / SAFE_INDEX_NAME).is_file() else None
+        for shard in self.shards:
+            entries, _ = read_header(shard)
+            for name, entry in entries.items():
+                if name in self.entries:
+                    raise ValueError(f"{shard}: tensor {name!r} is also in {self.entries[name].shard.name}")
+                self.entries[name] = entry
+        if self._index_map is not None:
+            for name, shard_name in self._index_map.items():
+                entry = self.entries.get(name)
+                if entry is None or entry.shard.name != shard_name:
+                    raise ValueError(f"{self.folder / SAFE_INDEX_NAME}: tensor {name!r} should be in "
+                                     f"{shard_name}, which does not hold it")
+
+    def _shard_files(self) -> list[Path]:
+        index = self.folder / SAFE_INDEX_NAME
+        if index.is_file():
+            names = sorted(set(self._read_index().values()))
+            shards = []
+            for name in names:
+                shard = self.folder / name
+                if not shard.is_file():
+                    raise FileNotFoundError(f"{index}: names shard {name!r}, which is missing from {self.folder}")
+                shards.append(shard)
+            return shards
+        single = self.folder / SAFE_WEIGHTS_NAME
+        if single.is_file():
+            return [single]
+        others = sorted(p for p in self.folder.glob("*.safetensors"))
+        if len(others) == 1:
+            return others
+        refuse_pickle_only(self.folder)
+        raise FileNotFoundError(f"{self.folder}: no {SAFE_WEIGHTS_NAME} or {SAFE_INDEX_NAME}"
+                                + (f" (found {len(others)} .safetensors files and no index)" if others else ""))
+
+    def _read_index(self) -> dict[str, str]:
+        index = self.folder / SAFE_INDEX_NAME
+        if index.stat().st_size > MAX_INDEX_BYTES:
+            raise ValueError(f"{index}: {index.stat().st_size} bytes, too large for an index")
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{index}: not valid JSON ({e})") from e
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: needs a non-empty 'weight_map' object")
+        for name, shard in weight_map.items():
+            # A shard name is a file in this folder: no directories, so no path escapes the folder.
+            if not isinstance(shard, str) or not shard.endswith(".safetensors") or Path(shard).name != shard:
+                raise ValueError(f"{index}: tensor {name!r} maps to {shard!r}, expected a .safetensors "
+                                 f"file name in the same folder")
+        return weight_map
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __getitem__(self, name: str) -> TensorEntry:
+        return self.entries[name]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+
+def read_config(folder: Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        refuse_pickle_only(Path(folder))
+        raise FileNotFoundError(f"{folder}: no config.json (not a transformers model folder)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def refuse_pickle_only(folder: Path) -> None:
+    """Raise if ``folder`` has pickle weights and no safetensors (unpickling runs arbitrary code)."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{folder} holds only pickle weights ({', '.join(pickles[:3])}{', ...' if len(pickles) > 3 else ''}); "
+            f"nf4 loads safetensors only, because unpickling a checkpoint runs arbitrary code. Convert "
+            f"it once in a trusted environment (e.g. transformers' save_pretrained(..., "
+            f"safe_serialization=True)) or pick a repository revision with .safetensors files.")
+
+
+# ------------------------------------------------------------------------------- reading bytes
+def _pread_into(fd: int, view: memoryview, offset: int, entry: TensorEntry) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise ValueError(f"{entry.shard}: tensor {entry.name!r} ends past the end of the file "
+                             f"(file truncated while loading)")
+        done += n
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """A writable memoryview over a contiguous CPU tensor's bytes."""
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy()).cast("B")
+
+
+class _Files:
+    """Open file descriptors, one per shard, shared by reader threads (pread is thread-safe)."""
+
+    def __init__(self):
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def read_tensor(entry: TensorEntry, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One tensor into host memory (a new tensor, or ``out``: contiguous CPU, same bytes)."""
+    if out is None:
+        out = torch.empty(entry.shape, dtype=entry.dtype)
+    _check_out(entry, out)
+    if entry.nbytes:
+        fd = os.open(entry.shard, os.O_RDONLY)
+        try:
+            _pread_into(fd, _byte_view(out), entry.offset, entry)
+        finally:
+            os.close(fd)
+    return out
+
+
+def _check_out(entry: TensorEntry, out: torch.Tensor) -> None:
+    if not out.is_contiguous() or out.numel() * out.element_size() != entry.nbytes:
+        raise ValueError(f"destination for {entry.name!r} must be contiguous with {entry.nbytes} bytes, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+
+
+# Staging for host -> GPU: chunks of 32 MiB, 12 of them (384 MiB pinned). Eight reader threads
+# keep 8 chunks in flight while up to 4 wait for or ride the copy engine; one thread reads page
+# cache at ~4-6 GB/s, so several are needed to feed a 25-50 GB/s PCIe Gen5 link.
+STAGING_CHUNK_BYTES = 32 * 1024 * 1024
+STAGING_BUFFERS = 12
+READER_THREADS = 8
+# A slot is refilled only after this many later copies were queued, so the host rarely waits on
+# the copy engine (a 32 MiB copy takes ~1 ms; waiting on the one just queued would serialize them).
+COPY_LAG = 2
+
+
+def stream_tensors(entries: Iterable[TensorEntry], device: torch.device,
+                   destination: Optional[Callable[[TensorEntry], Optional[torch.Tensor]]] = None,
+                   progress: Optional[Callable[[int], None]] = None) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
+    """Yield ``(entry, tensor on device)`` for each entry in order, reading one tensor at a time.
+
+    ``destination(entry)`` may return the tensor to fill (contiguous, ``entry.nbytes`` bytes, on
+    ``device``, any dtype/shape: e.g. the final parameter) to avoid a second copy; otherwise a new
+    tensor of the entry's dtype and shape is made. ``progress(nbytes)`` is called as bytes land.
+
+    On CUDA, bytes travel through pinned staging buffers filled by reader threads, and the
+    host-to-device copies are queued on the current stream, so the consumer's kernels on that
+    stream see complete tensors without a synchronization; host memory stays at the staging
+    buffers whatever the tensor sizes.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        yield from _stream_cuda(list(entries), device, destination, progress)
+        return
+    for entry in entries:
+        out = destination(entry) if destination is not None else None
+        if out is not None and out.device.type != "cpu":
+            out = None
+        tensor = read_tensor(entry, out)
+        if progress is not None:
+            progress(entry.nbytes)
+        yield entry, tensor.to(device) if device.type != "cpu" else tensor
+
+
+def _stream_cuda(entries: list[TensorEntry], device: torch.device, destination, progress):
+    chunks = []  # (entry index, byte offset within the tensor, length)
+    for i, e in enumerate(entries):
+        chunks += [(i, start, min(STAGING_CHUNK_BYTES, e.nbytes - start))
+                   for start in range(0, e.nbytes, STAGING_CHUNK_BYTES)]
+    remaining = collections.Counter(i for i, _, _ in chunks)
+    size = min(STAGING_CHUNK_BYTES, max((c[2] for c in chunks), default=1))
+    buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(STAGING_BUFFERS)]
+    views = [_byte_view(b) for b in buffers]
+    # Free slots, oldest first, each with the event of the copy that last read it (None: unused).
+    free: collections.deque = collections.deque((slot, None) for slot in range(len(buffers)))
+    files = _Files()
+    targets: dict[int, torch.Tensor] = {}
+    next_entry = 0
+
+    def read(slot: int, chunk) -> None:
+        i, start, length = chunk
+        e = entries[i]
+        _pread_into(files.fd(e.shard), views[slot][:length], e.offset + start, e)
+
+    def emit_empty_until(limit: int):
+        # Tensors with no bytes have no chunks; hand them out in order.
+        nonlocal next_entry
+        while next_entry < limit:
+            yield entries[next_entry], _target(entries[next_entry], device, destination, targets, next_entry)
+            next_entry += 1
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(READER_THREADS, thread_name_prefix="nf4-read") as pool:
+            pending: collections.deque = collections.deque()
+            submitted = 0
+            while submitted < len(chunks) or pending:
+                while submitted < len(chunks) and len(free) > COPY_LAG:
+                    slot, event = free.popleft()
+                    if event is not None:
+                        event.synchronize()  # a copy issued COPY_LAG chunks ago: usually finished
+                    pending.append((slot, chunks[submitted], pool.submit(read, slot, chunks[submitted])))
+                    submitted += 1
+                slot, (i, start, length), future = pending.popleft()
+                future.result()
+                yield from emit_empty_until(i)
+                target = _target(entries[i], device, destination, targets, i)
+                target.reshape(-1).view(torch.uint8)[start:start + length].copy_(
+                    buffers[slot][:length], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                free.append((slot, event))
+                if progress is not None:
+                    progress(length)
+                remaining[i] -= 1
+                if remaining[i] == 0:
+                    next_entry = i + 1
+                    yield entries[i], targets.pop(i)
+            yield from emit_empty_until(len(entries))
+    finally:
+        # Pinned buffers go back to the host allocator only once no copy reads them.
+        for _, event in free:
+            if event is not None:
+                event.synchronize()
+        files.close()
+
+
+def _target(entry: TensorEntry, device, destination, targets: dict, i: int) -> torch.Tensor:
+    if i not in targets:
+        out = destination(entry) if destination is not None else None
+        if out is None or out.device != device:
+            out = torch.empty(entry.shape, dtype=entry.dtype, device=device)
+        _check_out(entry, out)
+        targets[i] = out
+    return targets[i]
