@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from nf4.loading.checkpoint import PICKLE_SUFFIXES, SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME
+from nf4.loading.model import _shared_parameters
 from nf4.loading.resolve import AUX_FILES
 from nf4.nn import QuantLinear4bit
 from nf4.quant_state import dtype_name
@@ -77,16 +78,13 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     if lora:
         log.warning("LoRA adapters (%d tensors) are not part of a bitsandbytes checkpoint and are not "
                     "saved; save them separately", len(lora))
+    # Tied parameters (an lm_head sharing the embedding) are saved once, under their first name,
+    # as transformers does; quantization states may share tables (quant_map) and are all kept.
+    tied = {n for names in _shared_parameters(model).values() for n in names[1:]}
     tensors: dict[str, torch.Tensor] = {}
-    seen: dict[tuple, str] = {}
     for name, t in model.state_dict().items():
-        if name in lora:
+        if name in lora or name in tied:
             continue
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if t.numel() and key in seen:
-            log.debug("%s is tied to %s; saved once", name, seen[key])
-            continue
-        seen[key] = name
         tensors[name] = t
     return tensors
 
@@ -144,8 +142,9 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *,
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         weight_map = {}
         for file_name, keys in zip(names, shards):
-            # One shard at a time in host memory (packed weights are ~0.56 bytes per parameter).
-            save_file({k: tensors[k].detach().to("cpu").contiguous() for k in keys}, str(tmp / file_name),
+            # One shard at a time in host memory (packed weights are ~0.56 bytes per parameter);
+            # copies, because quantization states share their tables and safetensors refuses aliases.
+            save_file({k: tensors[k].detach().to("cpu", copy=True).contiguous() for k in keys}, str(tmp / file_name),
                       metadata={"format": "pt"})
             weight_map.update({k: file_name for k in keys})
         if len(shards) > 1:
