@@ -123,7 +123,7 @@ class QuantLoraLinear(torch.autograd.Function):
             if has_lora:
                 # The adapter's share first (rank-r GEMM writes dx once), then the base GEMM
                 # accumulates onto it: one pass over dx instead of three.
-                dx = torch.mm(g, A).mul_(scaling)
+                dx = torch.mm(g * scaling, A)                             # g is [T, r]: cheap
                 if mask is not None:
                     dx.mul_(mask.reshape(-1, in_features)).mul_(dropout_scale)
                 dx.addmm_(dy2, W)

@@ -335,6 +335,12 @@ class QuantLinear4bit(nn.Module):
         # The default loader would copy_ ``weight`` (its shape differs between the float and the
         # packed form); it loads everything else while the weight is hidden from it.
         params = self._parameters
+        for name in ("bias", "lora_A", "lora_B"):
+            # A layer built on meta takes these tensors as they come (assign), as it does the weight.
+            p, key = params.get(name), prefix + name
+            if p is not None and p.is_meta and key in state_dict:
+                value = state_dict[key].detach()
+                params[name] = nn.Parameter(value.to(dtype=p.dtype, copy=True), requires_grad=p.requires_grad)
         saved = dict(params)
         del params["weight"]
         try:
@@ -379,6 +385,12 @@ class QuantLinear4bit(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input has shape {list(x.shape)}, expected last dimension "
                              f"{self.in_features} (in_features)")
+        meta = [n for n, p in self.named_parameters() if p.is_meta]
+        if meta:
+            # A custom op given a meta tensor runs its fake kernel and returns garbage, silently.
+            raise RuntimeError(f"parameters {meta} are still on the meta device: load them "
+                               f"(load_state_dict / load_quantized) or materialize them with "
+                               f"to_empty() + reset_lora_parameters() before calling the layer")
         if not self.weight.bnb_quantized:
             # See Note: when quantization happens.
             self.weight._quantize(x.device)

@@ -172,6 +172,18 @@ def test_load_bnb_checkpoint_and_round_trip(fixtures):
     assert torch.equal(bnb_named.dequantize(), layer.dequantize())
 
 
+def test_meta_layer_loads_every_parameter():
+    src = make_layer(4, True, 0.0, torch.float32, device="cpu")
+    dst = QuantLinear4bit(IN, OUT, lora_rank=4, lora_alpha=8.0, compute_dtype=torch.float32, device="meta")
+    with pytest.raises(RuntimeError, match="meta"):
+        dst(torch.randn(2, IN))
+    dst.load_state_dict(src.state_dict())
+    assert not any(p.is_meta for p in dst.parameters())
+    assert {n for n, p in dst.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+    x = torch.randn(3, IN)
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
 def test_load_float_state_dict_quantizes_like_bnb():
     torch.manual_seed(0)
     linear = nn.Linear(IN, OUT)
