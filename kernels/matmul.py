@@ -101,10 +101,12 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    KB = K // 2
+    KB = tl.multiple_of(K // 2, 16)   # row stride in bytes: K is a multiple of BLOCKSIZE >= 32
     KBLK = K // BLOCKSIZE
-    kb_start = tl.program_id(1) * (K_PER_SPLIT // 2)
-    kb_end = tl.minimum(KB, kb_start + K_PER_SPLIT // 2)
+    kb_start = tl.multiple_of(tl.program_id(1) * (K_PER_SPLIT // 2), BLOCK_KB)
+    # K is a multiple of BLOCKSIZE (>= 32) and K_PER_SPLIT of 2 * BLOCK_KB, so the byte bounds are
+    # multiples of 16: saying so lets the masked byte loads be 16-byte vectors (else 1 byte each).
+    kb_end = tl.multiple_of(tl.minimum(KB, kb_start + K_PER_SPLIT // 2), 16)
     sub = tl.arange(0, NB)
     in_tile = sub[:, None] * HB + tl.arange(0, HB)[None, :]               # [NB, HB]
     tok = tl.arange(0, BLOCK_M)
@@ -150,15 +152,17 @@ def _dot_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_pt
     row_ok = rows < N
     tok_ok = toks < M
     rows64 = rows.to(tl.int64)
-    KB = K // 2
+    KB = tl.multiple_of(K // 2, 16)   # row stride in bytes: K is a multiple of BLOCKSIZE >= 32
     KBLK = K // BLOCKSIZE
     k_start = tl.program_id(2) * K_PER_SPLIT
-    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    # Multiples of 16 (see _gemv_kernel): keeps the masked loads vectorized.
+    k_end = tl.multiple_of(tl.minimum(K, k_start + K_PER_SPLIT), 16)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        jb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        jb = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         p = tl.load(packed_ptr + rows64[:, None] * KB + jb[None, :],
-                    mask=row_ok[:, None] & (jb < k_end // 2)[None, :], other=0).to(tl.int32)
+                    mask=row_ok[:, None] & (jb < tl.multiple_of(k_end // 2, 8))[None, :],
+                    other=0).to(tl.int32)
         w = tl.reshape(tl.join(tl.load(levels_ptr + (p >> 4)), tl.load(levels_ptr + (p & 15))),
                        [BLOCK_N, BLOCK_K])
         blk = k0 // BLOCKSIZE + tl.arange(0, NB)

@@ -1,0 +1,90 @@
+"""Triton-specific checks: the backend's import contract, bit-exactness on edge cases under the
+interpreter, and quantize/dequantize equality with the reference at Llama sizes on the GPU."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nf4
+from nf4 import codebook, reference_backend
+from nf4.testing import LLAMA_SHAPES
+from tests.conftest import DEVICE
+
+kernels = pytest.importorskip("nf4.kernels")
+
+
+def test_import_without_triton_raises_import_error():
+    """nf4.backends treats ImportError as "backend unavailable"; anything else would break import."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "try:\n    import nf4.kernels\nexcept ImportError:\n    sys.exit(0)\nsys.exit(1)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def _both(A, blocksize, quant_type, double_quant):
+    return (reference_backend.quantize(A, blocksize, quant_type, double_quant),
+            kernels.quantize(A, blocksize, quant_type, double_quant))
+
+
+def _dequant_args(q, blocksize, quant_type, double_quant, shape, dtype):
+    nested = double_quant
+    return (q[0], q[1], q[2] if nested else None,
+            codebook.dynamic_map().to(q[0].device) if nested else None, q[3] if nested else None,
+            blocksize, codebook.NESTED_BLOCKSIZE, quant_type, list(shape), dtype)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_edge_values_exact(quant_type):
+    """Zero blocks, values exactly on a threshold (x == t * absmax), odd length, a lone block."""
+    bs = 64
+    thr = codebook.nf4_thresholds() if quant_type == "nf4" else codebook.fp4_thresholds()
+    x = torch.randn(5 * bs + 1)
+    x[:bs] = 0                                   # absmax 0: every code 0
+    x[bs:3 * bs] = 0.5 * x[bs:3 * bs].clamp(-1, 1)
+    x[bs:bs + thr.numel()] = thr                 # absmax 1 (set below): scaled == threshold
+    x[bs + thr.numel()] = 1.0
+    x[2 * bs:2 * bs + thr.numel()] = -thr
+    x[2 * bs + thr.numel()] = -1.0
+    x[3 * bs:4 * bs] = 3.0                       # constant block: nested centred values tie
+    x = x.to(DEVICE)
+    for dq in (False, True):
+        ref, got = _both(x, bs, quant_type, dq)
+        for a, b in zip(ref, got):
+            assert torch.equal(a, b)
+        args = _dequant_args(ref, bs, quant_type, dq, x.shape, torch.bfloat16)
+        assert torch.equal(kernels.dequantize(*args), reference_backend.dequantize(*args))
+
+
+def test_dequantize_out_and_dtypes():
+    x = torch.randn(3, 96).to(DEVICE)
+    q = kernels.quantize(x, 32, "nf4", True)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        args = _dequant_args(q, 32, "nf4", True, x.shape, dtype)
+        out = torch.full(x.shape, float("nan"), dtype=dtype, device=DEVICE)
+        assert kernels.dequantize(*args, out=out) is out
+        assert torch.equal(out, reference_backend.dequantize(*args))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llama8b.attn_o", "llama8b.mlp_up"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_llama_sizes_exact(name, quant_type, double_quant):
+    """Bit-exact with the reference (same device, IEEE reciprocal on both sides) at full size."""
+    A = torch.randn(LLAMA_SHAPES[name], device="cuda", dtype=torch.bfloat16)
+    ref, got = _both(A, 64, quant_type, double_quant)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+    args = _dequant_args(ref, 64, quant_type, double_quant, A.shape, torch.bfloat16)
+    assert torch.equal(kernels.dequantize(*args), reference_backend.dequantize(*args))
+
+
+@pytest.mark.gpu
+def test_functional_api_uses_triton():
+    nf4.set_backend("triton")
+    W = torch.randn(256, 512, device="cuda", dtype=torch.float16)
+    packed, state = nf4.quantize_4bit(W, blocksize=128, compress_statistics=True, quant_type="nf4")
+    nf4.set_backend("reference")
+    packed_ref, state_ref = nf4.quantize_4bit(W, blocksize=128, compress_statistics=True,
+                                              quant_type="nf4")
+    assert torch.equal(packed, packed_ref) and torch.equal(state.absmax, state_ref.absmax)
