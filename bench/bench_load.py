@@ -118,12 +118,22 @@ class _PeakAnon(threading.Thread):
 
 
 def child(variant: str, folder: str, probe_out: str) -> None:
-    """One timed load in this process; prints a JSON line."""
+    """One timed load in this process; prints a JSON line. ``nf4:T`` uses T reader threads;
+    ``read:T`` only streams the bytes to the device (the I/O ceiling of the pipeline)."""
+    import logging
+
     import transformers
     from safetensors.torch import save_file
 
     import nf4.loading
+    from nf4.loading import checkpoint
 
+    variant, _, threads = variant.partition(":")
+    if threads:
+        checkpoint.READER_THREADS = int(threads)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("nf4.loading").setLevel(logging.DEBUG)
+    transformers.LlamaForCausalLM  # the lazy module import, outside the clock for both loaders
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.zeros(1, device=device)  # CUDA context before the clock
@@ -133,6 +143,11 @@ def child(variant: str, folder: str, probe_out: str) -> None:
     start = time.perf_counter()
     if variant == "nf4":
         model = nf4.loading.from_pretrained(folder, device=device, progress=False)
+    elif variant == "read":
+        entries = sorted(checkpoint.Checkpoint(folder).entries.values(), key=lambda e: (str(e.shard), e.offset))
+        for _ in checkpoint.stream_tensors(entries, device):
+            pass
+        model = None
     else:
         bnb_config = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -147,8 +162,9 @@ def child(variant: str, folder: str, probe_out: str) -> None:
                   rss_anon_base=base)
     if device == "cuda":
         result.update(gpu_peak=torch.cuda.max_memory_allocated(), gpu_final=torch.cuda.memory_allocated())
-    module = model.get_submodule(PROBE.rsplit(".", 1)[0])
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, probe_out)
+    if model is not None:
+        module = model.get_submodule(PROBE.rsplit(".", 1)[0])
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, probe_out)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -158,6 +174,8 @@ def run_child(variant: str, folder: Path, probe_out: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} load failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    if variant.startswith("nf4"):
+        print("\n".join(proc.stderr.splitlines()[-12:]), flush=True)
     return json.loads(line[len("RESULT "):])
 
 
@@ -200,6 +218,12 @@ def main() -> None:
         for v in variants:
             results[v].append(run_child(v, ckpt, args.dir / f"probe_{v}.safetensors"))
             print(v, results[v][-1], flush=True)
+    extra = {}
+    if torch.cuda.is_available():
+        # Diagnostics only (not in the table's goals): the pipeline's I/O ceiling and thread counts.
+        for v in ("read:8", "read:16", "nf4:4", "nf4:16"):
+            extra[v] = run_child(v, ckpt, args.dir / "probe_extra.safetensors")
+            print(v, extra[v], flush=True)
     probe = compare_probes(args.dir / "probe_nf4.safetensors", args.dir / "probe_bnb.safetensors") \
         if len(variants) == 2 else "n/a"
     gb = 1e9
@@ -222,6 +246,11 @@ def main() -> None:
             f"process, {args.repeats} runs each, alternating. Largest tensor {largest / gb:.2f} GB "
             f"(embedding). GB = 1e9 bytes.", "", table(headers, rows), "",
             f"Quantized bytes of `{PROBE}`, nf4 vs bnb: {probe}."]
+    if extra:
+        body += ["", "Diagnostics (one run each): " + ", ".join(
+            f"{v} {r['wall_s']:.2f} s" for v, r in extra.items())
+            + " (read:T = bytes to the GPU only with T reader threads; nf4:T = full load with T threads; "
+              "default 8)."]
     if len(rows) == 2:
         ratio = rows[0][1] / rows[1][1]
         body += ["", f"nf4 / bnb wall time: {ratio:.2f}x (goal <= 0.6x)."]

@@ -366,9 +366,8 @@ def _stream_cuda(entries: list[TensorEntry], device: torch.device, destination, 
                 slot, (i, start, length), future = pending.popleft()
                 future.result()
                 yield from emit_empty_until(i)
-                target = _target(entries[i], device, destination, targets, i)
-                target.reshape(-1).view(torch.uint8)[start:start + length].copy_(
-                    buffers[slot][:length], non_blocking=True)
+                _target(entries[i], device, destination, targets, i).reshape(-1).view(torch.uint8)[
+                    start:start + length].copy_(buffers[slot][:length], non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
                 free.append((slot, event))

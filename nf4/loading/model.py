@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -339,9 +340,12 @@ def load_folder(folder: Path, *, device, opts: QuantOptions, observer: Optional[
                 progress: bool = True):
     """Load ``folder`` (already resolved) as a quantized transformers model; see from_pretrained."""
     device = torch.device(device)
+    start = time.perf_counter()
     ckpt = Checkpoint(folder)
     bnb = _bnb_config(ckpt.config)
+    headers = time.perf_counter()
     model = _build_meta_model(ckpt.folder)
+    built = time.perf_counter()
 
     if bnb is not None:
         states = _prequantized_modules(model, ckpt)
@@ -366,7 +370,14 @@ def load_folder(folder: Path, *, device, opts: QuantOptions, observer: Optional[
         raise ValueError(f"lora_rank={opts.lora_rank} but no quantized layer matches target_modules "
                          f"{list(targets)}")
     plan = _make_plan(model, ckpt, quantized, prequantized=bnb is not None)
+    planned = time.perf_counter()
     _load(model, plan, quantized, device, opts, observer, progress)
+    done = time.perf_counter()
+    nbytes = sum(e.nbytes for e in plan.entries)
+    log.info("%s: headers %.2f s, meta model %.2f s, plan %.2f s, %d tensors (%.2f GB) streamed and "
+             "%s in %.2f s (%.2f GB/s)", ckpt.folder, headers - start, built - headers, planned - built,
+             len(plan.entries), nbytes / 1e9, "loaded" if bnb else f"{len(quantized)} quantized",
+             done - planned, nbytes / 1e9 / max(done - planned, 1e-9))
     model.nf4_source_dir = ckpt.folder
     return model
 
@@ -423,6 +434,8 @@ def _load(model: nn.Module, plan: _Plan, quantized: dict[str, QuantLinear4bit], 
         if flag is not None:
             checks.append((entry, flag))
 
+    trace_memory = device.type == "cuda" and log.isEnabledFor(logging.DEBUG)
+    peak = torch.cuda.max_memory_allocated(device) if trace_memory else 0
     total = sum(e.nbytes for e in plan.entries)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="nf4: loading",
               disable=None if progress else True, postfix=f"0/{len(plan.entries)} tensors") as bar:
@@ -455,6 +468,10 @@ def _load(model: nn.Module, plan: _Plan, quantized: dict[str, QuantLinear4bit], 
                 if len(got) == len(plan.prequantized[module_name]):
                     _install_prequantized(quantized[module_name], pending.pop(module_name),
                                           plan.prequantized[module_name], device)
+            if trace_memory and torch.cuda.max_memory_allocated(device) > peak + 32 * 2**20:
+                peak = torch.cuda.max_memory_allocated(device)
+                log.debug("after %s: peak GPU memory %.3f GB (now %.3f GB)", entry.name, peak / 1e9,
+                          torch.cuda.memory_allocated(device) / 1e9)
             if count % 16 == 0 or count == len(plan.entries):
                 bar.set_postfix_str(f"{count}/{len(plan.entries)} tensors", refresh=False)
     if checks:
