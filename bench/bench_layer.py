@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 
 import torch
 from torch import nn
@@ -79,6 +80,18 @@ def step_fn(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor):
     return step
 
 
+def enqueue_ms(fn, steps: int = 20) -> float:
+    """CPU milliseconds to issue one step (no synchronization inside the loop). When this
+    exceeds the GPU time, the GPU waits for the CPU and the measured time is the CPU's."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / steps * 1e3
+
+
 def peak_mib(fn) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -114,6 +127,8 @@ def main() -> None:
             mem = peak_mib(fn)
             ms = bench_ms(fn)
             res[name] = (ms, mem)
+            log.info("%dx%d %s: CPU %.3f ms to issue one step", out_features, in_features, name,
+                     enqueue_ms(fn))
             if args.profile:
                 profile(f"{out_features}x{in_features} {name}", fn)
             log.info("%dx%d %s: %.3f ms, peak +%.0f MiB", out_features, in_features, name, ms[0], mem)

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from nf4 import codebook, ops  # noqa: F401  (ops registers torch.ops.nf4.*)
+from nf4 import backends, codebook, ops
 
 # Up to this many tokens the base product uses the fused dequantize-matmul op (memory-bound
 # regime: it reads 0.5 byte per weight instead of writing and re-reading 2); above it, the weight
@@ -47,8 +47,14 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
 def _dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                 quant_type, out_features, in_features, dtype):
-    return torch.ops.nf4.dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                    nested_blocksize, quant_type, [out_features, in_features], dtype)
+    args = (packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+            quant_type, [out_features, in_features], dtype)
+    if torch.compiler.is_compiling() or type(packed) is not torch.Tensor:
+        return torch.ops.nf4.dequantize(*args)  # traced (fake/functional tensors): the opaque op
+    # Eager: the same checks the op runs, then the backend directly. The custom-op dispatch costs
+    # ~40 us of CPU per call here, twice a step, which the GPU waits for at small shapes.
+    device = ops.check_dequantize_args(*args)
+    return backends.resolve(device, "dequantize").dequantize(*args)
 
 
 class QuantLoraLinear(torch.autograd.Function):

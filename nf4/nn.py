@@ -385,7 +385,8 @@ class QuantLinear4bit(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input has shape {list(x.shape)}, expected last dimension "
                              f"{self.in_features} (in_features)")
-        meta = [n for n, p in self.named_parameters() if p.is_meta]
+        meta = [n for n in ("weight", "bias", "lora_A", "lora_B")
+                if self._parameters.get(n) is not None and self._parameters[n].is_meta]
         if meta:
             # A custom op given a meta tensor runs its fake kernel and returns garbage, silently.
             raise RuntimeError(f"parameters {meta} are still on the meta device: load them "
