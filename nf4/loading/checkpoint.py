@@ -311,7 +311,7 @@ def stream_tensors(entries: Iterable[TensorEntry], device: torch.device,
     stream see complete tensors without a synchronization; host memory stays at the staging
     buffers whatever the tensor sizes.
     """
-    device = torch.device(device)
+    device = concrete_device(device)
     if device.type == "cuda":
         yield from _stream_cuda(list(entries), device, destination, progress)
         return
@@ -323,6 +323,15 @@ def stream_tensors(entries: Iterable[TensorEntry], device: torch.device,
         if progress is not None:
             progress(entry.nbytes)
         yield entry, tensor.to(device) if device.type != "cpu" else tensor
+
+
+def concrete_device(device) -> torch.device:
+    """``cuda`` as ``cuda:<current>``: tensors report an index, and comparing ``cuda`` with
+    ``cuda:0`` says they differ (which once made every destination tensor be allocated twice)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _stream_cuda(entries: list[TensorEntry], device: torch.device, destination, progress):

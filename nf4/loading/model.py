@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from nf4 import codebook
 from nf4.loading.architectures import architecture, matches
-from nf4.loading.checkpoint import Checkpoint, TensorEntry, read_tensor, stream_tensors
+from nf4.loading.checkpoint import Checkpoint, TensorEntry, concrete_device, read_tensor, stream_tensors
 from nf4.loading.resolve import resolve
 from nf4.nn import QuantLinear4bit
 from nf4.quant_state import QuantState, check_blocksize, check_float_dtype
@@ -339,7 +339,7 @@ def _module_options(entry: TensorEntry, linear: nn.Linear) -> tuple[str, int, bo
 def load_folder(folder: Path, *, device, opts: QuantOptions, observer: Optional[Observer] = None,
                 progress: bool = True):
     """Load ``folder`` (already resolved) as a quantized transformers model; see from_pretrained."""
-    device = torch.device(device)
+    device = concrete_device(device)
     start = time.perf_counter()
     ckpt = Checkpoint(folder)
     bnb = _bnb_config(ckpt.config)
@@ -549,7 +549,7 @@ def quantize_model(model: nn.Module, *, device="cuda", compute_dtype: torch.dtyp
                     lora_rank, lora_alpha, target_modules)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    device = torch.device(device)
+    device = concrete_device(device)
     names, _ = _quantize_plan(model, opts)
     targets = _lora_targets(model, opts)
     for name in names:
