@@ -1,11 +1,12 @@
-// Shared definitions for nf4's CUDA kernels. No torch headers: kernels see raw pointers only.
+// Shared definitions for nf4's CUDA kernels. No torch headers: kernels see raw pointers only, and
+// every table (levels, thresholds) arrives as a kernel argument built from nf4/codebook.py.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
 
 namespace nf4 {
 
-// Error codes returned by every launcher; the binding turns them into Python exceptions that
+// Error codes returned by every launcher; nf4/cuda_backend.py turns them into exceptions that
 // name the offending sizes.
 enum Status : int {
   kOk = 0,
@@ -15,9 +16,62 @@ enum Status : int {
   kBadSize = 4,
   kNullPointer = 5,
   kLaunchFailed = 6,
+  kBadTable = 7,
+  kMisaligned = 8,
+  kBadDevice = 9,
 };
 
 enum Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum QuantType : int { kNF4 = 0, kFP4 = 1 };
+
+constexpr int kThreads = 256;            // threads per CTA of the 4-bit kernels
+constexpr int kWarps = kThreads / 32;
+constexpr int kChunksPerThread = 4;      // 16-byte chunks per thread: 64 bytes in flight each
+// The smallest CTA tile is 4096 elements (fp32: 8 warps x 4 rows x 32 lanes x 4); with at most
+// 2^31 - 1 CTAs per grid, n must stay below 4096 * (2^31 - 1).
+constexpr int64_t kMaxElements = int64_t{4096} * 0x7fffffff;
+
+// Decision thresholds of the 4-bit encoder, ascending, padded with +inf to a power of two so that
+// a branch-free binary search needs no bounds check. NF4 uses 15 (on x), FP4 7 (on |x|).
+struct EncodeTable {
+  float thresholds[16];
+  uint32_t fp4_codes;  // FP4: magnitude code of bucket i in bits 4i..4i+3
+  int zero_code;       // code of 0.0, padding the low nibble of an odd element count
+};
+
+// Thresholds between adjacent values of the 256-entry dynamic map (255 + a +inf pad).
+struct NestedTable {
+  float thresholds[256];
+  int zero_index;      // index of 0.0 in the map: code of a block whose values all equal the mean
+};
+
+// The 16 float32 values that 4-bit codes decode to.
+struct DecodeTable {
+  float levels[16];
+};
+
+// The CUDA error behind the last kLaunchFailed on this thread (for the Python message).
+cudaError_t& last_cuda_error();
+
+// Makes `device` current for this thread (the extension links its own static runtime, whose
+// current device is not torch's).
+Status use_device(int device);
+
+// blocksize must be a power of two in [32, 4096]; returns log2 or -1.
+inline int log2_blocksize(int64_t blocksize) {
+  if (blocksize < 32 || blocksize > 4096 || (blocksize & (blocksize - 1)) != 0) return -1;
+  int l = 0;
+  while ((int64_t{1} << l) < blocksize) ++l;
+  return l;
+}
+
+inline Status check_launch() {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    last_cuda_error() = err;
+    return kLaunchFailed;
+  }
+  return kOk;
+}
 
 }  // namespace nf4
