@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import logging
 import shutil
 import statistics
 import subprocess
@@ -24,8 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+import nf4.loading
 from bench.common import stamp, table, write_section
+from nf4.loading import checkpoint
 
 SHAPES = {
     # Llama-3-8B: 32 layers, hidden 4096, MLP 14336, 8 KV heads, vocab 128256, untied head.
@@ -43,7 +47,6 @@ PROBE = "model.layers.0.mlp.down_proj.weight"
 
 def write_checkpoint(folder: Path, shape: str) -> int:
     """Random bf16 weights (N(0, 0.02), norms 1) written shard by shard; returns bytes written."""
-    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**SHAPES[shape], dtype="bfloat16")
@@ -120,13 +123,8 @@ class _PeakAnon(threading.Thread):
 def child(variant: str, folder: str, probe_out: str) -> None:
     """One timed load in this process; prints a JSON line. ``nf4:T`` uses T reader threads;
     ``read:T`` only streams the bytes to the device (the I/O ceiling of the pipeline)."""
-    import logging
-
     import transformers
-    from safetensors.torch import save_file
 
-    import nf4.loading
-    from nf4.loading import checkpoint
 
     variant, _, threads = variant.partition(":")
     if threads:
@@ -180,8 +178,6 @@ def run_child(variant: str, folder: Path, probe_out: Path) -> dict:
 
 
 def compare_probes(a: Path, b: Path) -> str:
-    from safetensors import safe_open
-
     with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
         lines = []
         for key in ("weight", "weight.absmax"):

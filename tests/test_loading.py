@@ -9,7 +9,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import nf4
 from nf4 import reference
 from nf4.loading import from_pretrained, quantize_model, save_pretrained, summarize
 from nf4.loading import save as save_module
