@@ -1,0 +1,342 @@
+"""End-to-end QLoRA fine-tuning step on Llama-3-8B shapes: nf4 against bitsandbytes, same run.
+
+Model: transformers ``LlamaForCausalLM`` with Llama-3-8B's config (hidden 4096, intermediate
+14336, 32 layers, 32 heads, 8 KV heads, vocab 128256), random bf16 weights from one seed, so every
+setup starts from the same float model. Step: 2048 tokens, batch 1, gradient checkpointing
+(non-reentrant), bf16 autocast, LoRA rank 16 / alpha 32 on all seven projections, AdamW on the
+adapters only; embeddings, norms and ``lm_head`` stay bf16 and frozen. Setups:
+
+    nf4             ``nf4.quantize_model(..., lora_rank=16, target_modules=...)``: fused layer,
+                    float32 adapters
+    nf4 + peft      ``nf4.quantize_model(lora_rank=0)`` + peft's ``get_peft_model`` through
+                    ``nf4.peft.register`` (float32 adapters, peft's default)
+    bnb + peft      ``bnb.nn.Linear4bit`` (nf4, double quant, bf16 compute) + peft (float32 adapters)
+    bnb + LoRA      ``bnb.nn.Linear4bit`` + a plain bf16 LoRA module (``x A^T B^T * s`` added)
+
+Weights GB: ``memory_allocated`` once the model is converted (1e9 bytes). Peak GB:
+``max_memory_allocated`` over the training steps (weights included). tokens/s: timed steps after
+warm-up, synchronized at both ends. All setups train on the same token batch from the same seed,
+so their loss curves are comparable (the first loss is the same quantized model's).
+Goal (issue 7): nf4 >= 1.3x bnb + peft and >= 1.05x bnb + LoRA tokens/s, peak <= both.
+
+    python -m bench.bench_qlora              # the table, into bench/RESULTS.md (GPU)
+    python -m bench.bench_qlora --profile    # plus torch.profiler summaries in $OUT (or the cwd)
+    python -m bench.bench_qlora --tiny       # a 2-layer model on the CPU: checks the script only
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+import nf4
+from bench.common import stamp, table, write_section
+from nf4.nn import QuantLinear4bit
+
+try:
+    import bitsandbytes as bnb
+except ImportError:  # optional: its rows are left out without it
+    bnb = None
+try:
+    import peft
+    import nf4.peft as nf4_peft
+except ImportError:  # optional: the peft rows are left out without it
+    peft = nf4_peft = None
+
+log = logging.getLogger(__name__)
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, rope_theta=10000.0)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK = 16
+ALPHA = 32.0
+LR = 2e-4
+SEED = 0
+GB = 1e9
+
+
+class PlainLoRA(nn.Module):
+    """A frozen base layer plus a bf16 LoRA branch, added after the base product."""
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, device, dtype):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(torch.empty(RANK, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, RANK, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = ALPHA / RANK
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+
+# ------------------------------------------------------------------------------- building
+def float_model(shape: dict, device: torch.device):
+    """Llama with random bf16 weights built on ``device`` (16 GB for 8B: never measured, the peak
+    counter is reset after conversion). Same seed, same device: identical weights every time."""
+    import transformers  # optional dependency (the [hf] extra)
+
+    config = transformers.LlamaConfig(**shape, tie_word_embeddings=False, attention_bias=False,
+                                      mlp_bias=False)
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    return model
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and not n.endswith("lm_head")]
+
+
+def swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def to_bnb(model: nn.Module, device: torch.device, plain_lora: bool) -> nn.Module:
+    """Replace each linear layer but lm_head by bnb's Linear4bit, one at a time (the bf16 weight
+    is freed as its layer goes), wrapped in PlainLoRA when ``plain_lora``."""
+    for name in linear_names(model):
+        linear = model.get_submodule(name)
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                              compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True, blocksize=64, module=q).to(device)
+        wrapped = PlainLoRA(q, linear.in_features, linear.out_features, device, torch.bfloat16) \
+            if plain_lora and name.rpartition(".")[2] in TARGETS else q
+        swap(model, name, wrapped)
+        del linear
+    model.is_loaded_in_4bit = True  # what peft's bitsandbytes dispatcher looks for
+    return model
+
+
+def build(setup: str, shape: dict, device: torch.device) -> nn.Module:
+    model = float_model(shape, device)
+    if setup == "nf4":
+        nf4.quantize_model(model, device=device, lora_rank=RANK, lora_alpha=ALPHA, target_modules=TARGETS)
+    elif setup == "nf4 + peft":
+        nf4.quantize_model(model, device=device, lora_rank=0)
+        config = nf4_peft.register(peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                   target_modules=list(TARGETS)))
+        model = peft.get_peft_model(model, config)
+    elif setup == "bnb + peft":
+        to_bnb(model, device, plain_lora=False)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                           target_modules=list(TARGETS)))
+    elif setup == "bnb + LoRA":
+        to_bnb(model, device, plain_lora=True)
+    else:
+        raise ValueError(f"unknown setup {setup!r}")
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return model
+
+
+def bits_per_parameter(model: nn.Module) -> float:
+    """Stored bits per quantized weight of the QuantLinear4bit layers: packed codes, absmax codes,
+    nested absmax, offset and both tables (16 + 256 float32 per layer)."""
+    nbytes = params = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear4bit):
+            st = m.quant_state
+            tensors = [m.weight, st.absmax, st.code]
+            if st.nested:
+                tensors += [st.state2.absmax, st.state2.code, st.offset]
+            nbytes += sum(t.numel() * t.element_size() for t in tensors)
+            params += m.in_features * m.out_features
+    return 8 * nbytes / params
+
+
+# ------------------------------------------------------------------------------- training
+def _enable_checkpointing(model: nn.Module) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def make_step(model: nn.Module, input_ids: torch.Tensor) -> tuple[Callable[[], torch.Tensor], list]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # foreach AdamW (the default) on 448 adapter tensors: peft's and transformers' usual choice.
+    opt = torch.optim.AdamW(params, lr=LR)
+    device_type = input_ids.device.type
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, params
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_setup(setup: str, shape: dict, device: torch.device, tokens: int, warmup: int, steps: int,
+              profile_dir: Optional[Path]) -> dict:
+    cuda = device.type == "cuda"
+    start = time.perf_counter()
+    model = build(setup, shape, device)
+    model.train()
+    _enable_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    sync(device)
+    built = time.perf_counter() - start
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    weights = torch.cuda.memory_allocated(device) / GB if cuda else float("nan")
+    g = torch.Generator(device="cpu").manual_seed(SEED + 1)
+    input_ids = torch.randint(shape["vocab_size"], (1, tokens), generator=g).to(device)
+    step, params = make_step(model, input_ids)
+    adapter_dtype = params[0].dtype
+    losses = [step() for _ in range(warmup)]
+    sync(device)
+    t0 = time.perf_counter()
+    losses += [step() for _ in range(steps)]
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / GB if cuda else float("nan")
+    if profile_dir is not None:
+        profile(setup, step, device, profile_dir)
+    result = dict(setup=setup, weights=weights, peak=peak, tokens_per_s=tokens * steps / elapsed,
+                  step_ms=elapsed / steps * 1e3, losses=[float(v) for v in torch.stack(losses).cpu()],
+                  adapter_dtype=str(adapter_dtype).replace("torch.", ""), build_s=built,
+                  trainable=sum(p.numel() for p in params),
+                  bits=bits_per_parameter(model) if setup.startswith("nf4") else None)
+    log.info("%s: built in %.1f s, weights %.2f GB, peak %.2f GB, %.0f tokens/s (%.0f ms/step), "
+             "losses %s", setup, built, weights, peak, result["tokens_per_s"], result["step_ms"],
+             " ".join(f"{v:.4f}" for v in result["losses"]))
+    del model, step, params, input_ids
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def profile(setup: str, step: Callable, device: torch.device, out: Path) -> None:
+    """One profiled step: per-op device time and CPU time, into ``out/profile_qlora_<setup>.txt``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sync(device)
+    wall = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        sync(device)
+    wall = time.perf_counter() - wall
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    text = (f"{setup}: one step, wall {wall * 1e3:.1f} ms under the profiler, kernel time "
+            f"{device_us / 1e3:.1f} ms\n\nby device time:\n"
+            + events.table(sort_by=sort, row_limit=30)
+            + "\n\nby CPU time:\n" + events.table(sort_by="self_cpu_time_total", row_limit=25))
+    path = out / f"profile_qlora_{setup.replace(' + ', '_').replace(' ', '_')}.txt"
+    path.write_text(text)
+    log.info("%s profile -> %s (kernel time %.1f ms of %.1f ms wall)", setup, path, device_us / 1e3,
+             wall * 1e3)
+
+
+# ------------------------------------------------------------------------------- report
+def report(results: list[dict], tokens: int, warmup: int, steps: int, tiny: bool) -> str:
+    by = {r["setup"]: r for r in results}
+    ours = by["nf4"]
+    rows = []
+    for r in results:
+        rows.append([r["setup"], r["adapter_dtype"], f"{r['weights']:.2f}", f"{r['peak']:.2f}",
+                     f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.0f}",
+                     f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x",
+                     "" if r["bits"] is None else f"{r['bits']:.4f}"])
+    lines = [
+        f"## QLoRA fine-tuning step, Llama-3-8B shapes{' (TINY CPU CHECK)' if tiny else ''} "
+        "(`bench/bench_qlora.py`)",
+        "",
+        stamp(),
+        "",
+        f"Random bf16 weights (one seed), {tokens} tokens, batch 1, gradient checkpointing, bf16 "
+        f"autocast, LoRA rank {RANK} / alpha {ALPHA:g} on q,k,v,o,gate,up,down, AdamW (lr {LR:g}) "
+        f"on the adapters; {warmup} warm-up + {steps} timed steps per setup, one setup at a time "
+        "(everything freed between). Weights: GB allocated after conversion (1e9 B). Peak: max GB "
+        "allocated over the steps. nf4 speed-up: nf4 tokens/s over the row's. bits/param: stored "
+        "bits per quantized weight (codes + absmax codes + nested absmax + tables).",
+        "",
+        table(["setup", "adapters", "weights GB", "peak GB", "tokens/s", "ms/step", "nf4 speed-up",
+               "bits/param"], rows),
+        "",
+    ]
+    goals = []
+    for name, want in (("bnb + peft", 1.3), ("bnb + LoRA", 1.05)):
+        if name in by:
+            ratio = ours["tokens_per_s"] / by[name]["tokens_per_s"]
+            ok = ratio >= want and ours["peak"] <= by[name]["peak"]
+            goals.append(f"vs {name}: {ratio:.2f}x tokens/s (goal >= {want}x), peak {ours['peak']:.2f} "
+                         f"vs {by[name]['peak']:.2f} GB (goal <=): {'met' if ok else 'NOT met'}")
+    if goals:
+        lines += ["Goals: " + "; ".join(goals) + ".", ""]
+    lines += ["Loss per step (same token batch, same seed; the first value is the quantized model "
+              "before any update):", ""]
+    lines += [table(["setup"] + [str(i) for i in range(len(ours["losses"]))],
+                    [[r["setup"]] + [f"{v:.4f}" for v in r["losses"]] for r in results])]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="2-layer model on the CPU (checks the script)")
+    parser.add_argument("--profile", action="store_true", help="write a torch.profiler summary per setup")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per setup")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--setups", default=None, help="comma-separated subset of the setups")
+    args = parser.parse_args()
+    if args.tiny:
+        shape, device, tokens, steps = TINY, torch.device("cpu"), 128, args.steps or 2
+    else:
+        if not torch.cuda.is_available():
+            parser.error("the 8B benchmark needs a CUDA GPU; use --tiny to check the script on CPU")
+        shape, device, tokens, steps = LLAMA3_8B, torch.device("cuda"), 2048, args.steps or 5
+    setups = ["nf4"]
+    if peft is not None:
+        setups.append("nf4 + peft")
+    if bnb is not None and device.type == "cuda":
+        setups += (["bnb + peft"] if peft is not None else []) + ["bnb + LoRA"]
+    else:
+        log.warning("bitsandbytes rows skipped (%s)", "not installed" if bnb is None else "CPU run")
+    if args.setups:
+        wanted = [s.strip() for s in args.setups.split(",")]
+        unknown = [s for s in wanted if s not in setups]
+        if unknown:
+            parser.error(f"unknown or unavailable setups {unknown}; available: {setups}")
+        setups = [s for s in setups if s in wanted]
+    if "nf4" not in setups:
+        parser.error("the nf4 setup is the reference of the table; keep it in --setups")
+    out = os.environ.get("OUT")
+    profile_dir = (Path(out) if out else Path.cwd()) if args.profile else None
+    results = [run_setup(s, shape, device, tokens, args.warmup, steps, profile_dir) for s in setups]
+    body = report(results, tokens, args.warmup, steps, args.tiny)
+    if args.tiny:
+        log.info("tiny run (not written to RESULTS.md):\n%s", body)
+    else:
+        write_section("qlora", body)
+
+
+if __name__ == "__main__":
+    main()
