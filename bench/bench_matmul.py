@@ -116,24 +116,28 @@ def sweep_configs(tokens: int):
     km = importlib.import_module("nf4.kernels.matmul")
     C = km.Config
     bm = km.triton.next_power_of_2(tokens)
+    both = (False, True)  # table gather, select tree
     if tokens <= km.GEMV_MAX_M:
-        return [C("gemv", block_m=bm, block_n=bn, block_k=bk, num_warps=w, split_k=s)
-                for bn, bk, w, s in [(4, 256, 4, 1), (8, 256, 4, 1), (16, 256, 8, 1), (4, 512, 4, 1),
-                                     (8, 512, 8, 1), (4, 1024, 4, 1), (4, 1024, 8, 1), (2, 2048, 4, 1),
-                                     (8, 1024, 8, 1), (8, 256, 4, 2), (4, 1024, 4, 2), (8, 512, 4, 4)]]
+        return [C("gemv", block_m=bm, block_n=bn, block_k=bk, num_warps=w, select=sel)
+                for bn, bk, w in [(8, 256, 4), (4, 512, 4), (8, 512, 8), (16, 256, 8), (4, 1024, 8),
+                                  (2, 1024, 4), (4, 256, 4)] for sel in both]
     if tokens <= 16:
-        return [C("dot", block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=st, split_k=s)
-                for bn, bk, w, st, s in [(16, 128, 4, 4, 1), (32, 128, 4, 4, 1), (32, 256, 4, 3, 1),
-                                         (64, 128, 4, 4, 1), (64, 256, 4, 3, 2), (16, 256, 4, 3, 1),
-                                         (32, 128, 4, 4, 2), (64, 64, 4, 5, 1)]]
+        return [C("dot", block_m=16, block_n=bn, block_k=bk, num_warps=w, split_k=sk, select=sel,
+                  num_stages=st)
+                for bn, bk, w, sk, st in [(16, 128, 4, 1, 1), (32, 128, 4, 1, 1), (32, 256, 4, 1, 1),
+                                          (64, 128, 4, 1, 1), (16, 256, 4, 1, 1), (64, 128, 4, 2, 1),
+                                          (32, 128, 4, 1, 3)] for sel in both
+                ] + [C("gemv", block_m=16, block_n=8, block_k=256, num_warps=4)]
     if tokens <= 128:
         m = min(bm, 128)
-        return [C("dot", block_m=m, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
-                for bn, bk, w, st in [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 8, 4),
-                                      (128, 128, 8, 3), (64, 256, 4, 3)]] + [C("dequant")]
-    return [C("dot", block_m=m, block_n=bn, block_k=64, num_warps=w, num_stages=st)
-            for m, bn, w, st in [(128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4), (256, 128, 8, 3)]
-            ] + [C("dequant")]
+        return [C("dot", block_m=m, block_n=bn, block_k=bk, num_warps=w, select=sel, num_stages=st)
+                for bn, bk, w, st in [(32, 128, 4, 1), (64, 128, 4, 1), (64, 64, 4, 1), (128, 64, 8, 1),
+                                      (64, 128, 4, 3)] for sel in both] + [C("dequant")]
+    if tokens <= 512:
+        return [C("dot", block_m=bm_, block_n=bn, block_k=64, num_warps=w, select=sel, num_stages=st)
+                for bm_, bn, w, st in [(128, 128, 8, 1), (128, 256, 8, 1), (128, 128, 8, 3)]
+                for sel in both] + [C("dequant")]
+    return [C("dot", block_m=128, block_n=256, block_k=64, num_warps=8, select=True), C("dequant")]
 
 
 def run_sweep() -> None:

@@ -22,16 +22,24 @@ _BYTES_PER_PROGRAM = 2048
 
 
 @triton.jit
-def block_absmax(absmax_ptr, block, mask, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                 NESTED: tl.constexpr,             # absmax holds uint8 codes of the dynamic map
-                 NESTED_BLOCKSIZE: tl.constexpr):  # absmax codes per nested_absmax value
-    """float32 absmax of the blocks ``block`` (any shape), decoding double quantization."""
+def decode_absmax(raw, block, mask, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                  NESTED: tl.constexpr,             # raw holds uint8 codes of the dynamic map
+                  NESTED_BLOCKSIZE: tl.constexpr):  # absmax codes per nested_absmax value
+    """float32 absmax from what ``absmax_ptr`` holds at ``block`` (``raw``, already loaded)."""
     if NESTED:
-        code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + code) * scale + tl.load(offset_ptr)
+        return tl.load(nested_code_ptr + raw.to(tl.int32)) * scale + tl.load(offset_ptr)
     else:
-        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        return raw
+
+
+@triton.jit
+def block_absmax(absmax_ptr, block, mask, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                 NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """float32 absmax of the blocks ``block`` (any shape), decoding double quantization."""
+    raw = tl.load(absmax_ptr + block, mask=mask, other=0)
+    return decode_absmax(raw, block, mask, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                         NESTED, NESTED_BLOCKSIZE)
 
 
 @triton.jit

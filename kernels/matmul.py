@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dequantize import block_absmax
+from .dequantize import decode_absmax
 from .tables import device_tables
 
 # The largest token count the CUDA-core GEMV serves (tl.dot needs 16 rows, so below that the MMA
@@ -48,8 +48,9 @@ class Config:
     block_n: int = 64      # weight rows per program
     block_k: int = 64      # gemv: packed bytes per row per iteration; dot: elements per iteration
     split_k: int = 1       # programs sharing one output tile along K (fp32 atomics when > 1)
+    select: bool = False   # decode levels with a select tree instead of a table gather
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 1    # 1: the kernels double-buffer in registers themselves
 
 
 def choose_config(M: int, N: int, K: int, blocksize: int, device: torch.device) -> Config:
@@ -62,11 +63,11 @@ def choose_config(M: int, N: int, K: int, blocksize: int, device: torch.device) 
         block_n = 8 if N >= 8 * 512 else 4
         return Config("gemv", block_m=block_m, block_n=block_n, block_k=256, num_warps=4)
     if M <= 16:
-        return Config("dot", block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4)
+        return Config("dot", block_m=16, block_n=32, block_k=128, num_warps=4)
     if M <= 64:
-        return Config("dot", block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4)
+        return Config("dot", block_m=64, block_n=64, block_k=128, num_warps=4)
     if M <= 256:
-        return Config("dot", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)
+        return Config("dot", block_m=128, block_n=128, block_k=64, num_warps=8)
     return Config("dequant")
 
 
@@ -85,6 +86,29 @@ def _store_tile(y_ptr, acc, rows, toks, M, N, stride_ym, bias_ptr,
 
 
 @triton.jit
+def _levels(code, levels_ptr, SELECT: tl.constexpr):
+    """fp32 level of each 4-bit ``code`` (int32). SELECT: a 4-level select tree over the 16 table
+    values held in registers (no memory access); else a gather from the 64-byte table (L1 hits)."""
+    if SELECT:
+        b0 = (code & 1) != 0
+        b1 = (code & 2) != 0
+        b2 = (code & 4) != 0
+        s0 = tl.where(b0, tl.load(levels_ptr + 1), tl.load(levels_ptr + 0))
+        s1 = tl.where(b0, tl.load(levels_ptr + 3), tl.load(levels_ptr + 2))
+        s2 = tl.where(b0, tl.load(levels_ptr + 5), tl.load(levels_ptr + 4))
+        s3 = tl.where(b0, tl.load(levels_ptr + 7), tl.load(levels_ptr + 6))
+        s4 = tl.where(b0, tl.load(levels_ptr + 9), tl.load(levels_ptr + 8))
+        s5 = tl.where(b0, tl.load(levels_ptr + 11), tl.load(levels_ptr + 10))
+        s6 = tl.where(b0, tl.load(levels_ptr + 13), tl.load(levels_ptr + 12))
+        s7 = tl.where(b0, tl.load(levels_ptr + 15), tl.load(levels_ptr + 14))
+        t0 = tl.where(b2, tl.where(b1, s3, s2), tl.where(b1, s1, s0))
+        t1 = tl.where(b2, tl.where(b1, s7, s6), tl.where(b1, s5, s4))
+        return tl.where((code & 8) != 0, t1, t0)
+    else:
+        return tl.load(levels_ptr + code)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                  levels_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_ym, K_PER_SPLIT,
                  BLOCKSIZE: tl.constexpr,         # elements per absmax block (divides K)
@@ -94,7 +118,8 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
                  BLOCK_M: tl.constexpr,           # tokens, a power of two >= M
                  BLOCK_N: tl.constexpr,           # weight rows per program
                  BLOCK_KB: tl.constexpr,          # packed bytes per row per iteration
-                 SPLIT_K: tl.constexpr):          # programs along K
+                 SPLIT_K: tl.constexpr,           # programs along K
+                 SELECT: tl.constexpr):           # level decode (see _levels)
     HALF: tl.constexpr = BLOCKSIZE // 2                                    # bytes per absmax block
     HB: tl.constexpr = HALF if HALF < BLOCK_KB else BLOCK_KB               # bytes per sub-block
     NB: tl.constexpr = BLOCK_KB // HB                                      # sub-blocks per iteration
@@ -109,19 +134,34 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
     kb_end = tl.multiple_of(tl.minimum(KB, kb_start + K_PER_SPLIT // 2), 16)
     sub = tl.arange(0, NB)
     in_tile = sub[:, None] * HB + tl.arange(0, HB)[None, :]               # [NB, HB]
+    w_ptrs = packed_ptr + rows64[:, None, None] * KB + in_tile[None, :, :]
+    a_ptrs = absmax_ptr + rows64[:, None] * KBLK + sub[None, :]
     tok = tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    # Register double buffering: the next tile's bytes and absmax are requested before this tile
+    # is decoded, so each program keeps a DRAM read in flight (Triton's pipeliner only stages
+    # loads that feed tl.dot; without this the loop waits a full memory latency per iteration).
+    p_next = tl.load(w_ptrs + kb_start, mask=row_ok[:, None, None] & (kb_start + in_tile < kb_end)[None],
+                     other=0)
+    a_next = tl.load(a_ptrs + kb_start // HALF,
+                     mask=row_ok[:, None] & (kb_start // HALF + sub < KBLK)[None, :], other=0)
     for kb0 in range(kb_start, kb_end, BLOCK_KB):
+        p = p_next.to(tl.int32)
+        a_raw = a_next
+        kn = kb0 + BLOCK_KB
+        p_next = tl.load(w_ptrs + kn, mask=row_ok[:, None, None] & (kn + in_tile < kb_end)[None],
+                         other=0)
+        a_next = tl.load(a_ptrs + kn // HALF,
+                         mask=row_ok[:, None] & ((kn // HALF + sub < KBLK) & (tl.full([NB], kn, tl.int32) < kb_end))[None, :],
+                         other=0)
         j = kb0 + in_tile
         j_ok = j < kb_end
-        p = tl.load(packed_ptr + rows64[:, None, None] * KB + j[None, :, :],
-                    mask=row_ok[:, None, None] & j_ok[None, :, :], other=0).to(tl.int32)
-        lvl_hi = tl.load(levels_ptr + (p >> 4))                                # [BN, NB, HB]
-        lvl_lo = tl.load(levels_ptr + (p & 15))
         blk = kb0 // HALF + sub
-        scale = block_absmax(absmax_ptr, rows64[:, None] * KBLK + blk[None, :],
-                             row_ok[:, None] & (blk < KBLK)[None, :], nested_absmax_ptr,
-                             nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)  # [BN, NB]
+        scale = decode_absmax(a_raw, rows64[:, None] * KBLK + blk[None, :],
+                              row_ok[:, None] & (blk < KBLK)[None, :], nested_absmax_ptr,
+                              nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)  # [BN, NB]
+        lvl_hi = _levels(p >> 4, levels_ptr, SELECT)                           # [BN, NB, HB]
+        lvl_lo = _levels(p & 15, levels_ptr, SELECT)
         for m in tl.static_range(BLOCK_M):
             x_ok = j_ok & (tl.full([NB, HB], m, tl.int32) < M)
             xe = tl.load(x_ptr + m * stride_xm + 2 * j, mask=x_ok, other=0.0).to(tl.float32)
@@ -141,12 +181,14 @@ def _dot_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_pt
                 HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr,           # tokens per program (>= 16)
                 BLOCK_N: tl.constexpr,           # weight rows per program (>= 16)
-                BLOCK_K: tl.constexpr,           # elements of K per iteration
+                BLOCK_K: tl.constexpr,           # elements of K per iteration (>= 32)
                 SPLIT_K: tl.constexpr,           # programs along K
+                SELECT: tl.constexpr,            # level decode (see _levels)
                 PRECISION: tl.constexpr,         # tl.dot input precision (ieee for fp32 x)
                 UPCAST_DOT: tl.constexpr):       # feed tl.dot fp32 (interpreter: see _upcast_dot)
     SB: tl.constexpr = BLOCKSIZE if BLOCKSIZE < BLOCK_K else BLOCK_K       # elements per scale
     NB: tl.constexpr = BLOCK_K // SB                                       # scales per row per tile
+    HK: tl.constexpr = BLOCK_K // 2                                        # bytes per row per tile
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     toks = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -154,28 +196,45 @@ def _dot_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_pt
     rows64 = rows.to(tl.int64)
     KB = tl.multiple_of(K // 2, 16)   # row stride in bytes: K is a multiple of BLOCKSIZE >= 32
     KBLK = K // BLOCKSIZE
-    k_start = tl.program_id(2) * K_PER_SPLIT
+    k_start = tl.multiple_of(tl.program_id(2) * K_PER_SPLIT, BLOCK_K)
     # Multiples of 16 (see _gemv_kernel): keeps the masked loads vectorized.
     k_end = tl.multiple_of(tl.minimum(K, k_start + K_PER_SPLIT), 16)
+    kb_end = tl.multiple_of(k_end // 2, 8)
+    jb = tl.arange(0, HK)
+    kk = tl.arange(0, BLOCK_K)
+    sub = tl.arange(0, NB)
+    w_ptrs = packed_ptr + rows64[:, None] * KB + jb[None, :]                        # [BN, HK]
+    x_ptrs = x_ptr + toks[None, :].to(tl.int64) * stride_xm + kk[:, None]          # [BK, BM]
+    a_ptrs = absmax_ptr + rows64[:, None] * KBLK + sub[None, :]                     # [BN, NB]
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    # Register double buffering of the weight bytes, absmax and x (see _gemv_kernel).
+    p_next = tl.load(w_ptrs + k_start // 2,
+                     mask=row_ok[:, None] & (k_start // 2 + jb < kb_end)[None, :], other=0)
+    x_next = tl.load(x_ptrs + k_start, mask=tok_ok[None, :] & (k_start + kk < k_end)[:, None],
+                     other=0.0)
+    a_next = tl.load(a_ptrs + k_start // BLOCKSIZE,
+                     mask=row_ok[:, None] & (k_start // BLOCKSIZE + sub < KBLK)[None, :], other=0)
     for k0 in range(k_start, k_end, BLOCK_K):
-        jb = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        p = tl.load(packed_ptr + rows64[:, None] * KB + jb[None, :],
-                    mask=row_ok[:, None] & (jb < tl.multiple_of(k_end // 2, 8))[None, :],
-                    other=0).to(tl.int32)
-        w = tl.reshape(tl.join(tl.load(levels_ptr + (p >> 4)), tl.load(levels_ptr + (p & 15))),
+        p = p_next.to(tl.int32)
+        xt = x_next
+        a_raw = a_next
+        kn = k0 + BLOCK_K
+        p_next = tl.load(w_ptrs + kn // 2, mask=row_ok[:, None] & (kn // 2 + jb < kb_end)[None, :],
+                         other=0)
+        x_next = tl.load(x_ptrs + kn, mask=tok_ok[None, :] & (kn + kk < k_end)[:, None], other=0.0)
+        a_next = tl.load(a_ptrs + kn // BLOCKSIZE,
+                         mask=row_ok[:, None] & ((kn // BLOCKSIZE + sub < KBLK) & (tl.full([NB], kn, tl.int32) < k_end))[None, :],
+                         other=0)
+        w = tl.reshape(tl.join(_levels(p >> 4, levels_ptr, SELECT), _levels(p & 15, levels_ptr, SELECT)),
                        [BLOCK_N, BLOCK_K])
-        blk = k0 // BLOCKSIZE + tl.arange(0, NB)
-        scale = block_absmax(absmax_ptr, rows64[:, None] * KBLK + blk[None, :],
-                             row_ok[:, None] & (blk < KBLK)[None, :], nested_absmax_ptr,
-                             nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)  # [BN, NB]
+        blk = k0 // BLOCKSIZE + sub
+        scale = decode_absmax(a_raw, rows64[:, None] * KBLK + blk[None, :],
+                              row_ok[:, None] & (blk < KBLK)[None, :], nested_absmax_ptr,
+                              nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)  # [BN, NB]
         if NB == 1:
             w = w * scale
         else:
             w = tl.reshape(tl.reshape(w, [BLOCK_N, NB, SB]) * scale[:, :, None], [BLOCK_N, BLOCK_K])
-        kk = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + toks[None, :].to(tl.int64) * stride_xm + kk[:, None],
-                     mask=tok_ok[None, :] & (kk < k_end)[:, None], other=0.0)         # [BK, BM]
         w = w.to(xt.dtype)
         if UPCAST_DOT:
             acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
@@ -217,7 +276,8 @@ def launch(A2: torch.Tensor, packed, absmax, nested_absmax, nested_code, offset,
             bias if bias is not None else levels, y, M, N, K, A2.stride(0), y.stride(0), k_per_split)
     meta = dict(BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
                 HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                SPLIT_K=cfg.split_k, SELECT=cfg.select, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
     if cfg.kind == "gemv":
         if M > cfg.block_m:
             raise ValueError(f"gemv config serves at most {cfg.block_m} tokens, got M={M}")
