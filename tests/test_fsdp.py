@@ -1,0 +1,179 @@
+"""QLoRA under FSDP2 on the CPU: examples/qlora_fsdp.py on 2 gloo processes against 1 process.
+
+The 1-process run trains the unsharded model (no process group at all), the 2-process run the
+model sharded by ``nf4.distributed.shard_model``; both see the same data, seeds and micro-batches.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
+
+import nf4
+import nf4.distributed
+from nf4.nn import QuantLinear4bit
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "qlora_fsdp.py"
+STEPS = 4
+# 2 layers x 7 projections x (lora_A, lora_B) in the tiny Llama.
+LORA_TENSORS = 28
+
+
+def _run(cmd: list[str], out: Path, fixtures: Path) -> dict:
+    env = dict(os.environ, NF4_FIXTURES=str(fixtures), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    args = ["--steps", str(STEPS), "--global-batch", "4", "--micro-batch", "2",
+            "--out", str(out), "--loss-json", str(out / "result.json")]
+    result = subprocess.run(cmd + [str(EXAMPLE)] + args, capture_output=True, text=True, timeout=240,
+                            env=env, cwd=ROOT)
+    if result.returncode:
+        pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, fixtures):
+    base = tmp_path_factory.mktemp("fsdp")
+    single = _run([sys.executable], base / "single", fixtures)
+    # --standalone: a rendezvous on a free local port, so parallel CI jobs do not collide.
+    sharded = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+                   base / "sharded", fixtures)
+    return base, single, sharded
+
+
+def test_two_processes_give_the_same_loss_curve(runs):
+    _, single, sharded = runs
+    assert (single["world_size"], single["sharded"]) == (1, False)
+    assert (sharded["world_size"], sharded["sharded"]) == (2, True)
+    assert single["accumulation"] == 2 and sharded["accumulation"] == 1
+    # The loss must move for the comparison to mean something (ln(1024) = 6.93 at the start).
+    assert single["losses"][-1] < single["losses"][0] - 0.5, single["losses"]
+    # Exact, not approximate: each micro-batch runs the same shapes on the same data in both runs
+    # and (g0 + g1) / 2 == g0 / 2 + g1 / 2 in floating point; the CPU kernels are deterministic.
+    # See Note: the same loss curve on any number of ranks (examples/qlora_fsdp.py).
+    assert sharded["losses"] == single["losses"]
+
+
+def test_only_lora_parameters_train(runs):
+    for result in runs[1:]:
+        assert len(result["trainable"]) == LORA_TENSORS
+        assert all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n in result["trainable"])
+        assert result["with_grad"] == result["trainable"]
+        assert result["optimizer_state"] == LORA_TENSORS
+
+
+def test_sharded_run_saves_the_same_files(runs):
+    base, _, _ = runs
+    for folder in ("model", "adapter"):
+        single = sorted(p.name for p in (base / "single" / folder).iterdir())
+        sharded = sorted(p.name for p in (base / "sharded" / folder).iterdir())
+        assert single == sharded and single
+        for name in single:
+            a = (base / "single" / folder / name).read_bytes()
+            b = (base / "sharded" / folder / name).read_bytes()
+            assert a == b, f"{folder}/{name} differs between 1 and 2 processes"
+    weights = load_file(base / "sharded" / "model" / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert weights[key].dtype == torch.uint8 and weights[key].numel() == 256 * 704 // 2
+    assert key + ".quant_state.bitsandbytes__nf4" in weights
+    adapter = load_file(base / "sharded" / "adapter" / "adapter_model.safetensors")
+    assert len(adapter) == LORA_TENSORS
+    b = adapter["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
+    assert b.shape == (256, 16) and b.abs().max() > 0  # trained away from its zero init
+    config = json.loads((base / "sharded" / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (16, 32.0, "LORA")
+
+
+# ------------------------------------------------------------------ in-process, one rank
+@pytest.fixture
+def one_rank_group():
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield
+    dist.destroy_process_group()
+
+
+class _Block(nn.Module):
+    def __init__(self, quant_storage=torch.uint8):
+        super().__init__()
+        self.proj = QuantLinear4bit(96, 64, bias=False, compute_dtype=torch.float32, lora_rank=4,
+                                    device="cpu", quant_storage=quant_storage)
+
+    def forward(self, x):
+        return self.proj(x).relu()  # a block computes more than its projection
+
+
+class _Model(nn.Module):
+    def __init__(self, quant_storage=torch.uint8):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block(quant_storage) for _ in range(2))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.cat([b(x), x[..., :32]], dim=-1)
+        return x
+
+
+@pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16])
+def test_shard_model_one_rank_matches_unsharded(one_rank_group, quant_storage):
+    torch.manual_seed(0)
+    model = _Model(quant_storage)
+    with torch.no_grad():
+        for b in model.blocks:
+            b.proj.lora_B.normal_()
+    x = torch.randn(3, 96)
+    expected = model(x)
+    expected.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    nf4.distributed.shard_model(model, layers=list(model.blocks))
+    weight = model.blocks[0].proj.weight
+    assert isinstance(weight, DTensor) and weight.quant_state is model.blocks[0].proj.quant_state
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad.full_tensor(), grads[n], rtol=0, atol=0)
+        else:
+            assert p.grad is None
+    sd = model.state_dict()  # the quant state is saved beside the sharded weight
+    assert "blocks.0.proj.weight.absmax" in sd
+    with nf4.distributed.full_parameters(model):
+        full = model.blocks[1].proj.weight
+        assert not isinstance(full, DTensor) and full.quant_state is model.blocks[1].proj.quant_state
+        torch.testing.assert_close(model.blocks[1].proj.dequantize(),
+                                   nf4.dequantize_4bit(full, full.quant_state))
+    assert isinstance(model.blocks[1].proj.weight, DTensor)  # the shards are back
+
+
+def test_shard_model_bad_input(one_rank_group):
+    with pytest.raises(ValueError, match="no QuantLinear4bit"):
+        nf4.distributed.shard_model(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="_no_split_modules"):
+        nf4.distributed.shard_model(_Model())
+    lazy = _Model()
+    lazy.blocks[0].proj = QuantLinear4bit(96, 64, lora_rank=4)  # never moved: not quantized
+    with pytest.raises(ValueError, match="not quantized"):
+        nf4.distributed.shard_model(lazy, layers=list(lazy.blocks))
+    mixed = _Model()
+    mixed.blocks[0].extra = nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="several dtypes"):
+        nf4.distributed.shard_model(mixed, layers=list(mixed.blocks))
+    # A bf16 view of the packed bytes would be cast by the policy: refused, not corrupted.
+    viewed = _Model(quant_storage=torch.bfloat16)
+    with pytest.raises(ValueError, match="would cast packed 4-bit"):
+        nf4.distributed.shard_model(viewed, layers=list(viewed.blocks),
+                                    mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
+
+
+def test_shard_model_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="torch.distributed"):
+        nf4.distributed.shard_model(_Model())
