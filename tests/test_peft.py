@@ -28,6 +28,10 @@ def wrap(compute_dtype=torch.float32, bias=True, seed=0):
     builtin = QuantLinear4bit.from_linear(linear, lora_rank=RANK, lora_alpha=ALPHA, compute_dtype=compute_dtype)
     config = nf4.peft.register(peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"]))
     layer = nf4.peft.LoraQuantLinear4bit(base, "default", config=config, r=RANK, lora_alpha=ALPHA)
+    # peft creates adapters in the base's compute dtype and get_peft_model upcasts them to float32
+    # (autocast_adapter_dtype=True, its default); built here by hand, do the same.
+    layer.lora_A.float()
+    layer.lora_B.float()
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(0, 0.5)
         builtin.lora_A.copy_(layer.lora_A["default"].weight)
