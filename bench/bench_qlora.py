@@ -327,7 +327,7 @@ def main() -> None:
     else:
         if not torch.cuda.is_available():
             parser.error("the 8B benchmark needs a CUDA GPU; use --tiny to check the script on CPU")
-        shape, device, tokens, steps = LLAMA3_8B, torch.device("cuda"), 2048, args.steps or 5
+        shape, device, tokens, steps = LLAMA3_8B, torch.device("cuda"), 2048, args.steps or 8
     setups = ["nf4", "nf4 bf16"]
     if peft is not None:
         setups.append("nf4 + peft")
