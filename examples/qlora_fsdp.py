@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="a local folder or Hub name (default: the bundled tiny Llama fixture)")
     src.add_argument("--model-8b-shaped", action="store_true",
                      help="a Llama-3-8B-shaped model with random bf16 weights (seeded), quantized in place")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="with --model-8b-shaped: fewer decoder layers than 32 (a quick check of the path)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--global-batch", type=int, default=4, help="sequences per optimizer step, all ranks")
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per forward on one rank")
@@ -107,7 +109,10 @@ def build_model(args: argparse.Namespace, device: torch.device):
         return nf4.from_pretrained(str(path), device=device, progress=False, **lora)
     import transformers  # optional dependency (the [hf] extra); only this path builds from a config
 
-    config = transformers.LlamaConfig(**LLAMA3_8B, tie_word_embeddings=False, attention_bias=False,
+    shape = dict(LLAMA3_8B)
+    if args.num_layers is not None:
+        shape["num_hidden_layers"] = args.num_layers
+    config = transformers.LlamaConfig(**shape, tie_word_embeddings=False, attention_bias=False,
                                       mlp_bias=False)
     with torch.device(device):
         model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)

@@ -174,6 +174,59 @@ def test_shard_model_bad_input(one_rank_group):
                                     mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
 
 
+# ------------------------------------------------------------------ 2 ranks, uneven shards
+# Packed weights whose rows do not split evenly over 2 ranks, with an odd element count (the
+# padded last nibble): 33x33 -> 545 uint8 rows; 34x34 viewed as bfloat16 -> 289 rows.
+UNEVEN = [(33, torch.uint8), (34, torch.bfloat16)]
+
+
+def _uneven_worker(rank: int, store_path: str, out: str) -> None:
+    dist.init_process_group("gloo", rank=rank, world_size=2, store=dist.FileStore(store_path, 2))
+    try:
+        results = []
+        for dim, quant_storage in UNEVEN:
+            torch.manual_seed(0)  # the same model on both ranks
+            model = nn.Sequential(*(QuantLinear4bit(dim, dim, compute_dtype=torch.float32, lora_rank=4,
+                                                    device="cpu", quant_storage=quant_storage)
+                                    for _ in range(2)))
+            with torch.no_grad():
+                for layer in model:
+                    layer.lora_B.normal_()
+            x = torch.randn(5, dim)
+            expected = model(x)
+            expected.sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            weights = [layer.dequantize() for layer in model]
+            model.zero_grad()
+            nf4.distributed.shard_model(model, layers=list(model))
+            got = model(x)  # both ranks run the same input: the averaged gradient is each one's
+            got.sum().backward()
+            result = {"rows": model[0].weight.to_local().shape[0], "out": torch.equal(got, expected),
+                      "grads": all(torch.equal(p.grad.full_tensor(), grads[n])
+                                   for n, p in model.named_parameters() if p.grad is not None),
+                      "frozen_grads": [n for n, p in model.named_parameters()
+                                       if n not in grads and p.grad is not None]}
+            with nf4.distributed.full_parameters(model):
+                result["weights"] = all(torch.equal(layer.dequantize(), w) for layer, w in zip(model, weights))
+            results.append(result)
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_uneven_shards(tmp_path):
+    out = tmp_path / "result"
+    # A FileStore, not a TCP port: nothing to collide with on a shared CI machine.
+    torch.multiprocessing.spawn(_uneven_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    per_rank = [torch.load(f"{out}.{r}") for r in range(2)]
+    for i, (dim, quant_storage) in enumerate(UNEVEN):
+        rows = -(-dim * dim // 2) // (2 if quant_storage == torch.bfloat16 else 1)
+        results = [per_rank[r][i] for r in range(2)]
+        assert [r["rows"] for r in results] == [-(-rows // 2), rows // 2], (dim, quant_storage)
+        for r in results:
+            assert r["out"] and r["grads"] and r["weights"] and r["frozen_grads"] == [], (dim, quant_storage, r)
+
+
 def test_shard_model_needs_a_process_group():
     with pytest.raises(RuntimeError, match="torch.distributed"):
         nf4.distributed.shard_model(_Model())
