@@ -5,12 +5,26 @@
     layer = nf4.QuantLinear4bit.from_linear(linear, lora_rank=16)
     model = nf4.from_pretrained("meta-llama/Llama-3.1-8B", lora_rank=16)   # needs the [hf] extra
 """
-from nf4 import functional, nn
-from nf4.backends import available as available_backends, get_backend, set_backend
-from nf4.functional import dequantize_4bit, matmul_4bit, quantize_4bit
-from nf4.loading import from_pretrained, quantize_model, save_pretrained
-from nf4.nn import QuantLinear4bit
-from nf4.quant_state import QuantState
+import importlib.util
+from pathlib import Path
+
+# Note: source checkouts and nf4.kernels.
+#     setup.py installs kernels/ as the subpackage nf4.kernels (package_dir). When nf4 is imported
+#     from a checkout whose editable install went to another interpreter (on the GPU machine the
+#     bare `pip` is the system Python's, not the torch venv's), that mapping is missing and the
+#     Triton backend would silently vanish. Only then, let this package also search the checkout
+#     root, where kernels/ lives.
+if importlib.util.find_spec("nf4.kernels") is None:
+    _root = Path(__file__).resolve().parent.parent
+    if (_root / "kernels" / "__init__.py").is_file():
+        __path__.append(str(_root))
+
+from nf4 import functional, nn  # noqa: E402
+from nf4.backends import available as available_backends, get_backend, set_backend  # noqa: E402
+from nf4.functional import dequantize_4bit, matmul_4bit, quantize_4bit  # noqa: E402
+from nf4.loading import from_pretrained, quantize_model, save_pretrained  # noqa: E402
+from nf4.nn import QuantLinear4bit  # noqa: E402
+from nf4.quant_state import QuantState  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -107,6 +107,14 @@ def quantize(A: torch.Tensor, blocksize: int, quant_type: str, double_quant: boo
     return backends.resolve(A.device, "quantize").quantize(A.contiguous(), blocksize, quant_type, double_quant)
 
 
+def _check_fake_devices(**tensors: Optional[torch.Tensor]) -> None:
+    """Fake implementations also run when real tensors are mixed with meta ones (a layer still on
+    the meta device): the dispatcher then picks the meta kernel, and without this check the op
+    would return uninitialized memory instead of failing. Under FakeTensorMode (torch.compile)
+    every tensor reports its fake device, so consistent inputs pass."""
+    _check_same_device(**tensors)
+
+
 @quantize.register_fake
 def _(A, blocksize, quant_type, double_quant):
     n = A.numel()
@@ -136,6 +144,8 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Option
 @dequantize.register_fake
 def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
       shape, dtype):
+    _check_fake_devices(packed=packed, absmax=absmax, nested_absmax=nested_absmax,
+                        nested_code=nested_code, offset=offset)
     return packed.new_empty(list(shape), dtype=dtype)
 
 
@@ -159,6 +169,8 @@ def dequantize_out(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Op
 @dequantize_out.register_fake
 def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
       shape, dtype, out):
+    _check_fake_devices(packed=packed, absmax=absmax, nested_absmax=nested_absmax,
+                        nested_code=nested_code, offset=offset, out=out)
     return None
 
 
@@ -180,4 +192,6 @@ def matmul(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
 @matmul.register_fake
 def _(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
       out_features, in_features, bias):
+    _check_fake_devices(A=A, packed=packed, absmax=absmax, nested_absmax=nested_absmax,
+                        nested_code=nested_code, offset=offset, bias=bias)
     return A.new_empty((*A.shape[:-1], out_features))

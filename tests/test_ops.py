@@ -72,3 +72,14 @@ def test_compile_fullgraph_traces_every_op():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     (d1, y1), (d2, y2) = compiled(x, A), f(x, A)
     assert torch.equal(d1, d2) and torch.equal(y1, y2)
+
+
+def test_meta_tensors_mixed_with_real_ones_are_rejected():
+    """A meta input makes the dispatcher pick the fake kernel; it must fail, not return garbage."""
+    packed, s = weight()
+    with pytest.raises(ValueError, match="different devices"):
+        torch.ops.nf4.matmul(torch.randn(2, 128, dtype=torch.bfloat16), *op_args(packed, s), 48, 128,
+                             torch.zeros(48, dtype=torch.bfloat16, device="meta"))
+    with pytest.raises(ValueError, match="different devices"):
+        torch.ops.nf4.dequantize(packed.reshape(-1), s.absmax.to("meta"), s.state2.absmax,
+                                 s.state2.code, s.offset, 64, 256, "nf4", list(s.shape), torch.bfloat16)
