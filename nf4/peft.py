@@ -9,7 +9,7 @@
     ...                                          # train; model.save_pretrained(...) as usual
     model = PeftModel.from_pretrained(base, path, config=nf4.peft.register(LoraConfig.from_pretrained(path)))
 
-peft is an optional dependency (not installed with nf4). ``register`` attaches
+peft is an optional dependency (not installed with nf4; tested with peft 0.21). ``register`` attaches
 ``{QuantLinear4bit: LoraQuantLinear4bit}`` through ``LoraConfig._register_custom_module``, peft's
 (experimental) hook for layer types it does not know; the mapping lives on the config object, so a
 config loaded from disk must be registered again before ``PeftModel.from_pretrained``.
@@ -26,7 +26,6 @@ Note: the fused path under peft.
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Any, Optional
 
@@ -83,11 +82,7 @@ class LoraQuantLinear4bit(*_Base):
         LoraLayer.__init__(self, base_layer)
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
-        if "config" in inspect.signature(LoraLayer.update_layer).parameters:
-            self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
-        else:  # peft < 0.18 passes the config's fields one by one
-            self.update_layer(adapter_name, r, lora_alpha=lora_alpha, **{
-                k: v for k, v in kwargs.items() if k in inspect.signature(LoraLayer.update_layer).parameters})
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     def _get_in_out_features(self, module: nn.Module):
         base = module.get_base_layer() if isinstance(module, LoraLayer) else module
