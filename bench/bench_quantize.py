@@ -16,7 +16,7 @@ import torch
 
 import nf4
 from bench.common import bench_ms, stamp, table, write_section
-from nf4 import backends, codebook
+from nf4 import backends, codebook, cuda_backend
 from nf4.quant_state import num_blocks
 from nf4.testing import BENCH_SHAPES
 
@@ -74,8 +74,9 @@ def main() -> None:
         t_copy = timed(lambda: copy_dst.copy_(W))
         quant = lambda: nf4.functional.quantize_4bit(W, blocksize=BLOCKSIZE, compress_statistics=True,
                                                      quant_type="nf4")
-        t_cuda = timed(quant, "cuda")
-        t_cuda_single = timed(lambda: nf4.functional.quantize_4bit(W, blocksize=BLOCKSIZE, quant_type="nf4"), "cuda")
+        t_cuda = timed(lambda: cuda_backend.quantize(W, BLOCKSIZE, "nf4", True))
+        t_cuda_api = timed(quant, "cuda")
+        t_cuda_single = timed(lambda: cuda_backend.quantize(W, BLOCKSIZE, "nf4", False))
         t_triton = timed(quant, "triton") if has_triton else None
         t_bnb, diffs = None, "n/a"
         if bnb_f is not None:
@@ -86,15 +87,17 @@ def main() -> None:
             diffs = nibble_diffs(ours, theirs)
         gbs = lambda t: nbytes / t / 1e6 if t else "n/a"
         rows.append([f"{shape[0]}x{shape[1]}", t_copy, 2 * n * W.element_size() / t_copy / 1e6,
-                     t_cuda, gbs(t_cuda), t_cuda_single,
+                     t_cuda, gbs(t_cuda), t_cuda_api, t_cuda_single,
                      t_bnb if t_bnb else "n/a", gbs(t_bnb), f"{t_bnb / t_cuda:.1f}x" if t_bnb else "n/a",
                      t_triton if t_triton else "n/a", gbs(t_triton), diffs])
-    headers = ["shape", "copy ms", "copy GB/s", "cuda ms", "cuda GB/s", "cuda ms (no dq)", "bnb ms",
+    headers = ["shape", "copy ms", "copy GB/s", "cuda ms", "cuda GB/s", "cuda ms (API)", "cuda ms (no dq)", "bnb ms",
                "bnb GB/s", "cuda vs bnb", "triton ms", "triton GB/s", "codes != bnb"]
     body = (f"## quantize (bf16, blocksize {BLOCKSIZE}, double quant, nf4)\n\n{stamp()}\n\n"
             "Median of triton.testing.do_bench (L2 flushed). GB/s = (weight read + packed, absmax codes and "
-            "nested absmax written) / time; copy GB/s = 2 x weight bytes / time. \"no dq\": one launch, "
-            "float32 absmax. \"codes != bnb\": 4-bit codes that differ from bitsandbytes' on this weight.\n\n"
+            "nested absmax written) / time; copy GB/s = 2 x weight bytes / time. \"cuda\": nf4.cuda_backend.quantize "
+            "(the kernels, torch's mean between them); \"API\": the same through nf4.functional.quantize_4bit "
+            "(custom op, checks, QuantState); \"no dq\": one launch, float32 absmax. \"codes != bnb\": 4-bit codes "
+            "that differ from bitsandbytes' on this weight.\n\n"
             + table(headers, rows))
     write_section("quantize", body)
 

@@ -1,11 +1,12 @@
 // pybind11 binding for nf4._C: raw device pointers (as integers), element counts, the device index
 // and a stream handle in; a Status code out (nf4/cuda_backend.py turns it into an exception that
-// names the sizes). No torch headers, so the module builds without torch. Tables arrive as Python
-// lists built from nf4/codebook.py and are passed to the kernels by value.
+// names the sizes). No torch headers, so the module builds without torch. Tables are built from
+// nf4/codebook.py into the classes below and passed to the kernels by value.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "common.cuh"
@@ -70,50 +71,84 @@ PYBIND11_MODULE(_C, m) {
       .value("MISALIGNED", kMisaligned)
       .value("BAD_DEVICE", kBadDevice);
 
+  // Tables are built once (nf4/cuda_backend.py, from nf4/codebook.py) and passed to every launch
+  // by value; converting Python lists on each call would cost microseconds per launch.
+  pybind11::class_<EncodeTable>(m, "EncodeTable")
+      .def(pybind11::init([](const std::vector<float>& inside, const std::vector<int>& below, float cell_scale,
+                             float cell_offset, uint32_t fp4_codes, int zero_code) {
+             if (inside.size() != kEncodeCells || below.size() != kEncodeCells)
+               throw pybind11::value_error("EncodeTable needs " + std::to_string(kEncodeCells) +
+                                           " cells, got " + std::to_string(inside.size()) + " and " +
+                                           std::to_string(below.size()));
+             if (zero_code < 0 || zero_code > 15)
+               throw pybind11::value_error("zero_code must be in [0, 15], got " + std::to_string(zero_code));
+             EncodeTable t{};
+             for (int i = 0; i < kEncodeCells; ++i) {
+               if (below[i] < 0 || below[i] > 15)
+                 throw pybind11::value_error("below[] must be in [0, 15], got " + std::to_string(below[i]));
+               t.inside[i] = inside[i];
+               t.below[i] = static_cast<uint8_t>(below[i]);
+             }
+             t.cell_scale = cell_scale;
+             t.cell_offset = cell_offset;
+             t.fp4_codes = fp4_codes;
+             t.zero_code = zero_code;
+             return t;
+           }),
+           pybind11::arg("inside"), pybind11::arg("below"), pybind11::arg("cell_scale"),
+           pybind11::arg("cell_offset"), pybind11::arg("fp4_codes"), pybind11::arg("zero_code"));
+  pybind11::class_<NestedTable>(m, "NestedTable")
+      .def(pybind11::init([](const std::vector<float>& thresholds, int zero_index) {
+             if (thresholds.size() != 256)
+               throw pybind11::value_error("NestedTable needs 256 thresholds, got " +
+                                           std::to_string(thresholds.size()));
+             if (zero_index < 0 || zero_index > 255)
+               throw pybind11::value_error("zero_index must be in [0, 255], got " + std::to_string(zero_index));
+             NestedTable t{};
+             for (int i = 0; i < 256; ++i) t.thresholds[i] = thresholds[i];
+             t.zero_index = zero_index;
+             return t;
+           }),
+           pybind11::arg("thresholds"), pybind11::arg("zero_index"));
+  pybind11::class_<DecodeTable>(m, "DecodeTable")
+      .def(pybind11::init([](const std::vector<float>& levels) {
+             if (levels.size() != 16)
+               throw pybind11::value_error("DecodeTable needs 16 levels, got " + std::to_string(levels.size()));
+             DecodeTable t{};
+             for (int i = 0; i < 16; ++i) t.levels[i] = levels[i];
+             return t;
+           }),
+           pybind11::arg("levels"));
+
   m.def("quantize",
-        [](std::uintptr_t in, int dtype, int64_t n, int64_t blocksize, int quant_type,
-           std::uintptr_t packed, std::uintptr_t absmax, const std::vector<float>& thresholds,
-           uint32_t fp4_codes, int zero_code, int device, std::uintptr_t stream) {
-          EncodeTable table{};
-          if (thresholds.size() != 16 || zero_code < 0 || zero_code > 15) return kBadTable;
-          for (int i = 0; i < 16; ++i) table.thresholds[i] = thresholds[i];
-          table.fp4_codes = fp4_codes;
-          table.zero_code = zero_code;
+        [](std::uintptr_t in, int dtype, int64_t n, int64_t blocksize, int quant_type, std::uintptr_t packed,
+           std::uintptr_t absmax, const EncodeTable& table, int device, std::uintptr_t stream) {
           return launch_quantize(ptr<const void>(in), dtype, n, blocksize, quant_type, ptr<uint8_t>(packed),
                                  ptr<float>(absmax), table, device, stream_of(stream));
         },
         "Blockwise 4-bit quantization: packed uint8 [ceil(n/2)] and float32 absmax [ceil(n/blocksize)].",
         pybind11::arg("input"), pybind11::arg("dtype"), pybind11::arg("n"), pybind11::arg("blocksize"),
-        pybind11::arg("quant_type"), pybind11::arg("packed"), pybind11::arg("absmax"),
-        pybind11::arg("thresholds"), pybind11::arg("fp4_codes"), pybind11::arg("zero_code"),
+        pybind11::arg("quant_type"), pybind11::arg("packed"), pybind11::arg("absmax"), pybind11::arg("table"),
         pybind11::arg("device"), pybind11::arg("stream"));
 
   m.def("quantize_absmax",
         [](std::uintptr_t absmax, int64_t blocks, std::uintptr_t offset, int64_t nested_blocksize,
-           std::uintptr_t codes, std::uintptr_t nested_absmax, const std::vector<float>& thresholds,
-           int zero_index, int device, std::uintptr_t stream) {
-          NestedTable table{};
-          if (thresholds.size() != 256) return kBadTable;
-          for (int i = 0; i < 256; ++i) table.thresholds[i] = thresholds[i];
-          table.zero_index = zero_index;
+           std::uintptr_t codes, std::uintptr_t nested_absmax, const NestedTable& table, int device,
+           std::uintptr_t stream) {
           return launch_quantize_absmax(ptr<const float>(absmax), blocks, ptr<const float>(offset),
                                         nested_blocksize, ptr<uint8_t>(codes), ptr<float>(nested_absmax),
                                         table, device, stream_of(stream));
         },
-        "Double quantization of float32 absmax [blocks] around the mean at *offset.",
+        "Double quantization of float32 absmax [blocks] around the mean at *offset (blocks of 256).",
         pybind11::arg("absmax"), pybind11::arg("blocks"), pybind11::arg("offset"),
         pybind11::arg("nested_blocksize"), pybind11::arg("codes"), pybind11::arg("nested_absmax"),
-        pybind11::arg("thresholds"), pybind11::arg("zero_index"), pybind11::arg("device"),
-        pybind11::arg("stream"));
+        pybind11::arg("table"), pybind11::arg("device"), pybind11::arg("stream"));
 
   m.def("dequantize",
         [](std::uintptr_t packed, int64_t n, int64_t blocksize, std::uintptr_t absmax, bool nested,
            std::uintptr_t nested_absmax, std::uintptr_t nested_code, std::uintptr_t offset,
-           int64_t nested_blocksize, std::uintptr_t out, int dtype, const std::vector<float>& levels,
-           int device, std::uintptr_t stream) {
-          DecodeTable table{};
-          if (levels.size() != 16) return kBadTable;
-          for (int i = 0; i < 16; ++i) table.levels[i] = levels[i];
+           int64_t nested_blocksize, std::uintptr_t out, int dtype, const DecodeTable& table, int device,
+           std::uintptr_t stream) {
           return launch_dequantize(ptr<const uint8_t>(packed), n, blocksize, ptr<const void>(absmax), nested,
                                    ptr<const float>(nested_absmax), ptr<const float>(nested_code),
                                    ptr<const float>(offset), nested_blocksize, ptr<void>(out), dtype, table,
@@ -123,7 +158,7 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("blocksize"), pybind11::arg("absmax"),
         pybind11::arg("nested"), pybind11::arg("nested_absmax"), pybind11::arg("nested_code"),
         pybind11::arg("offset"), pybind11::arg("nested_blocksize"), pybind11::arg("out"),
-        pybind11::arg("dtype"), pybind11::arg("levels"), pybind11::arg("device"), pybind11::arg("stream"));
+        pybind11::arg("dtype"), pybind11::arg("table"), pybind11::arg("device"), pybind11::arg("stream"));
 
   m.def("last_cuda_error", []() { return std::string(cudaGetErrorString(last_cuda_error())); },
         "The CUDA error behind the last LAUNCH_FAILED or BAD_DEVICE status on this thread.");

@@ -30,11 +30,20 @@ constexpr int kChunksPerThread = 4;      // 16-byte chunks per thread: 64 bytes 
 // The smallest CTA tile is 4096 elements (fp32: 8 warps x 4 rows x 32 lanes x 4); with at most
 // 2^31 - 1 CTAs per grid, n must stay below 4096 * (2^31 - 1).
 constexpr int64_t kMaxElements = int64_t{4096} * 0x7fffffff;
+// Values per nested (double-quantization) block: bitsandbytes' fixed 256, one warp of 8 per lane.
+constexpr int kNestedBlock = 256;
 
-// Decision thresholds of the 4-bit encoder, ascending, padded with +inf to a power of two so that
-// a branch-free binary search needs no bounds check. NF4 uses 15 (on x), FP4 7 (on |x|).
+// The 4-bit encoder's decision table (built by nf4/cuda_backend.py from nf4/codebook.py).
+// The key (x for NF4, |x| for FP4) falls in cell k = floor(key * cell_scale + cell_offset) mod 64,
+// an interval that holds at most one decision threshold: its bucket (the number of thresholds
+// below the key) is below[k] + (key > inside[k]). Two conflict-free shared-memory loads per value
+// instead of a search over 15 thresholds.
+constexpr int kEncodeCells = 64;
 struct EncodeTable {
-  float thresholds[16];
+  float inside[kEncodeCells];     // the threshold inside cell k, or +inf
+  uint8_t below[kEncodeCells];    // thresholds below cell k
+  float cell_scale;
+  float cell_offset;
   uint32_t fp4_codes;  // FP4: magnitude code of bucket i in bits 4i..4i+3
   int zero_code;       // code of 0.0, padding the low nibble of an odd element count
 };

@@ -33,24 +33,20 @@ __device__ __forceinline__ float to_float<__half>(__half v) { return __half2floa
 template <>
 __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// Code of one scaled value. A branch-free binary search over thresholds in shared memory: four
-// conflict-free loads (16 floats sit in 16 distinct banks) instead of 15 compares in registers.
-// NaN (a block whose absmax is 0 scales 0 * inf) fails every compare and encodes as 0, as in bnb.
+// Code of one scaled value x (see EncodeTable). floor(key * scale + offset) is read from the low
+// mantissa bits of key * scale + (1.5 * 2^23 + offset) rounded down once (ulp 1 there), which is
+// exact. NaN (a block whose absmax is 0 scales 0 * inf) is 0x7fffffff, cell 63, bucket 0: code 0,
+// as bitsandbytes stores such blocks.
 template <QuantType QT>
-__device__ __forceinline__ uint32_t encode(float x, const float* s_thr, uint32_t fp4_codes) {
+__device__ __forceinline__ uint32_t encode(float x, const float* s_inside, const uint8_t* s_below,
+                                           float scale, float magic, uint32_t fp4_codes) {
+  const float key = QT == kNF4 ? x : fabsf(x);
+  const uint32_t cell = __float_as_uint(__fmaf_rd(key, scale, magic)) & (kEncodeCells - 1);
+  const uint32_t bucket = s_below[cell] + (key > s_inside[cell] ? 1u : 0u);
   if constexpr (QT == kNF4) {
-    int c = x > s_thr[7] ? 8 : 0;
-    c += x > s_thr[c + 3] ? 4 : 0;
-    c += x > s_thr[c + 1] ? 2 : 0;
-    c += x > s_thr[c] ? 1 : 0;
-    return static_cast<uint32_t>(c);
+    return bucket;
   } else {
-    const float a = fabsf(x);
-    int c = a > s_thr[3] ? 4 : 0;
-    c += a > s_thr[c + 1] ? 2 : 0;
-    c += a > s_thr[c] ? 1 : 0;
-    const uint32_t sign = x < 0.0f ? 8u : 0u;
-    return ((fp4_codes >> (4 * c)) & 7u) | sign;
+    return ((fp4_codes >> (4 * bucket)) & 7u) | (x < 0.0f ? 8u : 0u);
   }
 }
 
@@ -70,10 +66,14 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(
   constexpr int kTile = kWarps * J * kRow;               // elements per CTA
   static_assert(kTile >= 4096, "a CTA tile must hold whole blocks of the largest blocksize");
 
-  __shared__ float s_thr[16];
+  __shared__ float s_inside[kEncodeCells];
+  __shared__ uint8_t s_below[kEncodeCells];
   __shared__ float s_rowmax[kWarps * J];
   __shared__ float s_blockmax[kTile / 32];
-  if (threadIdx.x < 16) s_thr[threadIdx.x] = table.thresholds[threadIdx.x];
+  if (threadIdx.x < kEncodeCells) {
+    s_inside[threadIdx.x] = table.inside[threadIdx.x];
+    s_below[threadIdx.x] = table.below[threadIdx.x];
+  }
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(
 #pragma unroll
     for (int j = 0; j < J; ++j) m[j] = fmaxf(m[j], __shfl_xor_sync(0xffffffffu, m[j], off));
   }
-  __syncthreads();  // s_thr written
+  __syncthreads();  // encode table written
   if (blocksize > kRow) {
     const int rows_per_block = blocksize / kRow;
     if (lane == 0) {
@@ -126,6 +126,8 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(
   }
 
   const uint32_t fp4_codes = table.fp4_codes;
+  const float cell_scale = table.cell_scale;
+  const float magic = 12582912.0f + table.cell_offset;  // 1.5 * 2^23
   const int64_t nbytes = (n + 1) / 2;
 #pragma unroll
   for (int j = 0; j < J; ++j) {
@@ -137,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(
     uint32_t word = 0;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const uint32_t code = encode<QT>(v[j][k] * scale, s_thr, fp4_codes);
+      const uint32_t code = encode<QT>(v[j][k] * scale, s_inside, s_below, cell_scale, magic, fp4_codes);
       word |= code << (8 * (k / 2) + (k % 2 == 0 ? 4 : 0));
     }
     if (e + V <= n) {
@@ -157,32 +159,41 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(
   }
 }
 
-// Double quantization: one warp per nested block of the float32 absmax. centred = absmax - mean;
-// nested_absmax = max |centred|; code = index of the nearest dynamic-map value, found by an
-// 8-step binary search over the 255 midpoints (x above a midpoint takes the upper value).
+// Double quantization: one warp per nested block of kNestedBlock float32 absmax values, 8 per
+// lane, all loaded before use. centred = absmax - mean; nested_absmax = max |centred|; code =
+// index of the nearest dynamic-map value, by an 8-step binary search over the 255 midpoints (x
+// above a midpoint takes the upper value); NaN (a block of identical values) takes the code of 0.
 __global__ void __launch_bounds__(kThreads) quantize_absmax_kernel(
     const float* __restrict__ absmax, int64_t blocks, const float* __restrict__ offset,
-    int nested_bs, uint8_t* __restrict__ codes, float* __restrict__ nested_absmax, NestedTable table) {
+    uint8_t* __restrict__ codes, float* __restrict__ nested_absmax, NestedTable table) {
+  constexpr int kPerLane = kNestedBlock / 32;
   __shared__ float s_thr[256];
   s_thr[threadIdx.x] = table.thresholds[threadIdx.x];
   __syncthreads();
   const int64_t nb = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t start = nb * nested_bs;
+  const int64_t start = nb * kNestedBlock;
   if (start >= blocks) return;
-  const int64_t end = start + nested_bs < blocks ? start + nested_bs : blocks;
   const float mean = *offset;
+  float c[kPerLane];
   float m = 0.0f;
-  for (int64_t i = start + lane; i < end; i += 32) m = fmaxf(m, fabsf(absmax[i] - mean));
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int64_t i = start + k * 32 + lane;
+    c[k] = i < blocks ? absmax[i] - mean : 0.0f;
+    m = fmaxf(m, fabsf(c[k]));
+  }
   for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
   if (lane == 0) nested_absmax[nb] = m;
   const float scale = rcp_approx_ftz(m);
-  for (int64_t i = start + lane; i < end; i += 32) {
-    const float x = (absmax[i] - mean) * scale;
-    int c = 0;
 #pragma unroll
-    for (int step = 128; step > 0; step >>= 1) c += x > s_thr[c + step - 1] ? step : 0;
-    codes[i] = static_cast<uint8_t>(isnan(x) ? table.zero_index : c);
+  for (int k = 0; k < kPerLane; ++k) {
+    const float x = c[k] * scale;
+    int code = 0;
+#pragma unroll
+    for (int step = 128; step > 0; step >>= 1) code += x > s_thr[code + step - 1] ? step : 0;
+    const int64_t i = start + k * 32 + lane;
+    if (i < blocks) codes[i] = static_cast<uint8_t>(isnan(x) ? table.zero_index : code);
   }
 }
 
@@ -234,14 +245,14 @@ Status launch_quantize_absmax(const float* absmax, int64_t blocks, const float* 
   if (absmax == nullptr || offset == nullptr || codes == nullptr || nested_absmax == nullptr)
     return kNullPointer;
   if (blocks <= 0) return kBadSize;
-  if (log2_blocksize(nested_blocksize) < 0) return kBadBlocksize;
+  if (nested_blocksize != kNestedBlock) return kBadBlocksize;
   if (table.zero_index < 0 || table.zero_index > 255) return kBadTable;
-  const int64_t nested_blocks = (blocks + nested_blocksize - 1) / nested_blocksize;
+  const int64_t nested_blocks = (blocks + kNestedBlock - 1) / kNestedBlock;
   const int64_t grid = (nested_blocks + kWarps - 1) / kWarps;
   if (grid > 0x7fffffff) return kBadSize;
   if (const Status s = use_device(device); s != kOk) return s;
   quantize_absmax_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-      absmax, blocks, offset, static_cast<int>(nested_blocksize), codes, nested_absmax, table);
+      absmax, blocks, offset, codes, nested_absmax, table);
   return check_launch();
 }
 

