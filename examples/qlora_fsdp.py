@@ -215,6 +215,7 @@ def train(args: argparse.Namespace) -> dict:
         args.loss_json.parent.mkdir(parents=True, exist_ok=True)
         args.loss_json.write_text(json.dumps(result, indent=2) + "\n")
     if dist.is_initialized():
+        dist.barrier()  # leave together: gloo aborts a rank whose peer has torn down first
         dist.destroy_process_group()
     return result
 

@@ -18,7 +18,7 @@ Note: sharding the packed weight.
     complete bytes when it runs. Three ways were weighed:
     - Replicating the 4-bit weights (``ignored_params``) and sharding only the adapters is
       simplest, but it is DDP for the adapters: the 4-bit weights, the bulk of the memory
-      (4.5 GB of 5.7 GB for Llama-3-8B, 35 of 37 GB for 70B), stay whole on every GPU, which is
+      (3.6 GB of 5.7 GB for Llama-3-8B, 35 of 39 GB for 70B), stay whole on every GPU, which is
       the very thing FSDP + QLoRA is for (a 70B model on GPUs that cannot hold 35 GB each).
     - bitsandbytes' ``quant_storage=torch.bfloat16`` view exists for FSDP1, whose flat
       parameters need one dtype per group. FSDP2 shards per parameter and all-gathers mixed
@@ -27,13 +27,13 @@ Note: sharding the packed weight.
       cast to fp32 would be garbage) while it never casts integer ones. So uint8 storage is
       the safe default; a bf16 view still works and ``shard_model`` refuses a policy that
       would cast it.
-    - A tensor subclass with ``fsdp_pre_all_gather``/``fsdp_post_all_gather`` could gather the
-      quant state in the same collective, but the sharded tensor must then implement every op
-      FSDP applies while sharding (chunk, pad, view, copy_): a large second weight type for a
-      saving of 1.6% of the weight bytes (below).
+    - A tensor subclass with ``fsdp_pre_all_gather``/``fsdp_post_all_gather`` could shard the
+      quant state too and gather it in the same collective, but the sharded tensor must then
+      implement every op FSDP applies while sharding (chunk, pad, view, copy_): a large second
+      weight type, for the replicated state's cost below.
     The quant state (absmax codes, 1 byte per 64 weights; nested absmax and offset, 4 bytes
     per 16384) is not a parameter, so it stays whole on every rank, on the weight's device:
-    1/32 of the packed bytes, i.e. 6% of a rank's weight share on 2 GPUs, 25% on 8.
+    1/32 of the packed bytes, i.e. 6% of a rank's 4-bit bytes on 2 GPUs, 20% on 8.
 
 Note: the weight's attributes.
     FSDP2 replaces each managed parameter with a new ``nn.Parameter``: a sharded ``DTensor``
@@ -128,7 +128,8 @@ def shard_model(model: nn.Module, mesh: Optional[DeviceMesh] = None, *,
     rank loads the same model, e.g. ``nf4.from_pretrained(..., device=f"cuda:{local_rank}")``).
     The packed 4-bit weights, LoRA adapters and float parameters are sharded over ``mesh``
     (default: a 1-D mesh of all ranks on the weights' device type); quant states stay whole on
-    every rank. See Note: sharding the packed weight.
+    every rank. See Note: sharding the packed weight. Until this call each rank holds the whole
+    4-bit model (5.7 GB for Llama-3-8B): sharding saves memory from then on, not while loading.
 
     ``layers``: the modules that each become one FSDP group (one all-gather each); default: every
     module whose class is in ``model._no_split_modules`` (transformers' decoder layers).

@@ -210,6 +210,9 @@ def _uneven_worker(rank: int, store_path: str, out: str) -> None:
                 result["weights"] = all(torch.equal(layer.dequantize(), w) for layer, w in zip(model, weights))
             results.append(result)
         torch.save(results, f"{out}.{rank}")
+        # Leave together: a rank tearing gloo down while the other still talks to it aborts
+        # ("terminate called without an active exception", seen under CPU contention).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
