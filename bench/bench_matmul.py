@@ -118,15 +118,16 @@ def sweep_configs(tokens: int):
     bm = km.triton.next_power_of_2(tokens)
     both = (False, True)  # table gather, select tree
     if tokens <= km.GEMV_MAX_M:
-        return [C("gemv", block_m=bm, block_n=bn, block_k=bk, num_warps=w, select=sel)
-                for bn, bk, w in [(8, 256, 4), (4, 512, 4), (8, 512, 8), (16, 256, 8), (4, 1024, 8),
-                                  (2, 1024, 4), (4, 256, 4)] for sel in both]
+        return [C("gemv", block_m=bm, block_n=bn, block_k=bk, num_warps=w, prefetch=pf)
+                for bn, bk, w in [(8, 256, 4), (4, 256, 4), (8, 512, 8), (16, 256, 8), (8, 128, 4),
+                                  (16, 128, 4)] for pf in (1, 2)]
     if tokens <= 16:
         return [C("dot", block_m=16, block_n=bn, block_k=bk, num_warps=w, split_k=sk, select=sel,
                   num_stages=st)
                 for bn, bk, w, sk, st in [(16, 128, 4, 1, 1), (32, 128, 4, 1, 1), (32, 256, 4, 1, 1),
                                           (64, 128, 4, 1, 1), (16, 256, 4, 1, 1), (64, 128, 4, 2, 1),
-                                          (32, 128, 4, 1, 3)] for sel in both
+                                          (32, 128, 4, 1, 3), (16, 512, 4, 4, 1), (32, 256, 4, 2, 1),
+                                          (16, 256, 4, 2, 1)] for sel in both
                 ] + [C("gemv", block_m=16, block_n=8, block_k=256, num_warps=4)]
     if tokens <= 128:
         m = min(bm, 128)
@@ -140,14 +141,14 @@ def sweep_configs(tokens: int):
     return [C("dot", block_m=128, block_n=256, block_k=64, num_warps=8, select=True), C("dequant")]
 
 
-def run_sweep() -> None:
+def run_sweep(only_tokens) -> None:
     km = importlib.import_module("nf4.kernels.matmul")
     lines = []
     for out_f, in_f in BENCH_SHAPES:
         W, packed, state = quantized(out_f, in_f)
         s2 = state.state2
         args = (packed.reshape(-1), state.absmax, s2.absmax, s2.code, state.offset, 64, 256, "nf4")
-        for tokens in BENCH_TOKENS:
+        for tokens in only_tokens or BENCH_TOKENS:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
             base = timed(lambda: F.linear(x, W))
             chosen = km.choose_config(tokens, out_f, in_f, 64, x.device)
@@ -172,11 +173,13 @@ def run_sweep() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="time candidate configs instead")
+    parser.add_argument("--tokens", type=lambda v: [int(t) for t in v.split(",")], default=None,
+                        help="sweep only these token counts (comma-separated)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     with torch.no_grad():
         if args.sweep:
-            run_sweep()
+            run_sweep(args.tokens)
         else:
             run_table()
 

@@ -6,15 +6,14 @@ same kernel; nothing is converted at load time. Three paths, chosen by the token
 (rows of ``x`` after flattening its leading dimensions):
 
 * ``gemv`` (M <= GEMV_MAX_M): a CUDA-core kernel; each program streams a strip of ``BLOCK_N``
-  weight rows once for all M tokens, in fp32 (level * x summed per absmax block, then scaled).
-  Weight bytes dominate, so the grid is made of many narrow strips (and split-K where N is small)
-  to keep all 132 SMs of an H100 streaming.
-* ``dot`` (up to DEQUANT_MIN_M): tiles of the weight dequantized in registers to x's dtype and
-  fed to ``tl.dot`` (tensor cores) with fp32 accumulation. The weight tile is the dot's first
-  operand (``acc[n, m]``), so a small token count is the narrow side of the MMA.
-* ``dequant`` (beyond): the weight is dequantized once (``torch.ops.nf4.dequantize``: the CUDA
-  extension when it is there, else the Triton kernel) and cuBLAS does the product, which it does
-  faster than a Triton tile loop once the product is compute-bound.
+  weight rows once for all M tokens, in fp32, double-buffering the next tile in registers.
+  Weight bytes dominate, so the grid is made of many narrow strips (512 programs at N = 4096).
+* ``dot`` (16 tokens everywhere, up to 64 where N >= 8192): tiles of the weight dequantized in
+  registers to x's dtype and fed to ``tl.dot`` (tensor cores) with fp32 accumulation. The weight
+  tile is the dot's first operand (``acc[n, m]``), so a small token count is the narrow side.
+* ``dequant`` (otherwise): the weight is dequantized once (``torch.ops.nf4.dequantize``: the CUDA
+  extension when it is there, else the Triton kernel) and cuBLAS does the product; on the H100 it
+  beat this file's tl.dot kernel from 64-128 tokens up (see ``choose_config``).
 
 Note: weight layouts the fast paths need.
     The fused paths need ``in_features`` to be a multiple of ``blocksize``, so that every row
@@ -49,25 +48,37 @@ class Config:
     block_k: int = 64      # gemv: packed bytes per row per iteration; dot: elements per iteration
     split_k: int = 1       # programs sharing one output tile along K (fp32 atomics when > 1)
     select: bool = False   # decode levels with a select tree instead of a table gather
+    prefetch: int = 1      # gemv: tiles requested ahead of the one being decoded (1 or 2)
     num_warps: int = 4
     num_stages: int = 1    # 1: the kernels double-buffer in registers themselves
 
 
 def choose_config(M: int, N: int, K: int, blocksize: int, device: torch.device) -> Config:
-    """The configuration for an [M, K] x [N, K]^T product (see the table's comments for timings)."""
+    """The configuration for an [M, K] x [N, K]^T product.
+
+    Chosen from ``python -m bench.bench_matmul --sweep`` on an H100 (2026-11-22; bf16 x, nf4 + double
+    quant, blocksize 64; time / bf16 F.linear time on 4096x4096, 14336x4096, 4096x14336, 28672x8192):
+      1 token   gemv 8 rows x 256 B, 4 warps:   0.84 0.88 0.90 0.91 (16 rows/8 warps: up to 1.05,
+                256 B tiles beat 512/1024 B ones, select-tree decode 1.13-1.28, split-K 1.25+)
+      4 tokens  the same gemv:                  1.67 2.11 2.19 2.33 (dequant + cuBLAS ~1.6-2.4)
+      16 tokens dot 16x32x256, split-K 2:       1.39 1.68 1.52 1.77; dot 16x64x128, split-K 2:
+                1.61 1.47 1.85 1.30, so 64-row tiles where N >= 8192 (enough programs)
+      64 tokens dot 64x64x128:                  1.53 (14336x4096) 1.73 (28672x8192) but 3.7 where
+                N = 4096 (64 programs); dequant + cuBLAS there: 1.72 / 1.92
+      128+      dequant + cuBLAS: 1.68-2.18 at 128 (the tl.dot kernel: 1.83-4.33), 1.48-1.66 at
+                512 (dot 3.6-5.4), 1.04-1.14 at 4096 (dot ~5)
+    """
     if K % blocksize:
         return Config("dequant")  # See Note: weight layouts the fast paths need.
     if M <= GEMV_MAX_M:
-        block_m = triton.next_power_of_2(M)
-        # Narrow strips so that N / block_n programs fill the GPU several times over.
-        block_n = 8 if N >= 8 * 512 else 4
-        return Config("gemv", block_m=block_m, block_n=block_n, block_k=256, num_warps=4)
+        return Config("gemv", block_m=triton.next_power_of_2(M), block_n=8, block_k=256,
+                      num_warps=4)
     if M <= 16:
-        return Config("dot", block_m=16, block_n=32, block_k=128, num_warps=4)
-    if M <= 64:
+        if N >= 8192:
+            return Config("dot", block_m=16, block_n=64, block_k=128, split_k=2, num_warps=4)
+        return Config("dot", block_m=16, block_n=32, block_k=256, split_k=2, num_warps=4)
+    if M <= 64 and N >= 8192:
         return Config("dot", block_m=64, block_n=64, block_k=128, num_warps=4)
-    if M <= 256:
-        return Config("dot", block_m=128, block_n=128, block_k=64, num_warps=8)
     return Config("dequant")
 
 
@@ -119,7 +130,8 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
                  BLOCK_N: tl.constexpr,           # weight rows per program
                  BLOCK_KB: tl.constexpr,          # packed bytes per row per iteration
                  SPLIT_K: tl.constexpr,           # programs along K
-                 SELECT: tl.constexpr):           # level decode (see _levels)
+                 SELECT: tl.constexpr,            # level decode (see _levels)
+                 PREFETCH: tl.constexpr):         # weight tiles in flight ahead of the one decoded
     HALF: tl.constexpr = BLOCKSIZE // 2                                    # bytes per absmax block
     HB: tl.constexpr = HALF if HALF < BLOCK_KB else BLOCK_KB               # bytes per sub-block
     NB: tl.constexpr = BLOCK_KB // HB                                      # sub-blocks per iteration
@@ -138,6 +150,10 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
     a_ptrs = absmax_ptr + rows64[:, None] * KBLK + sub[None, :]
     tok = tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    # One token: products accumulate elementwise and are reduced once after the loop, so the loop
+    # has no cross-thread reduction (with several tokens that would cost BLOCK_M times the registers).
+    ONE: tl.constexpr = BLOCK_M == 1
+    acc1 = tl.zeros([BLOCK_N if ONE else 1, NB if ONE else 1, HB if ONE else 1], tl.float32)
     # Register double buffering: the next tile's bytes and absmax are requested before this tile
     # is decoded, so each program keeps a DRAM read in flight (Triton's pipeliner only stages
     # loads that feed tl.dot; without this the loop waits a full memory latency per iteration).
@@ -145,15 +161,30 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
                      other=0)
     a_next = tl.load(a_ptrs + kb_start // HALF,
                      mask=row_ok[:, None] & (kb_start // HALF + sub < KBLK)[None, :], other=0)
+    # With PREFETCH == 2 a second tile is in flight as well (p_far, a_far).
+    kf = kb_start + BLOCK_KB
+    p_far = tl.load(w_ptrs + kf, mask=row_ok[:, None, None] & (kf + in_tile < kb_end)[None]
+                    & (PREFETCH == 2), other=0)
+    a_far = tl.load(a_ptrs + kf // HALF, mask=row_ok[:, None] & ((kf // HALF + sub < KBLK)
+                    & (tl.full([NB], kf, tl.int32) < kb_end))[None, :] & (PREFETCH == 2), other=0)
     for kb0 in range(kb_start, kb_end, BLOCK_KB):
         p = p_next.to(tl.int32)
         a_raw = a_next
-        kn = kb0 + BLOCK_KB
-        p_next = tl.load(w_ptrs + kn, mask=row_ok[:, None, None] & (kn + in_tile < kb_end)[None],
-                         other=0)
-        a_next = tl.load(a_ptrs + kn // HALF,
-                         mask=row_ok[:, None] & ((kn // HALF + sub < KBLK) & (tl.full([NB], kn, tl.int32) < kb_end))[None, :],
-                         other=0)
+        kn = kb0 + PREFETCH * BLOCK_KB
+        p_new = tl.load(w_ptrs + kn, mask=row_ok[:, None, None] & (kn + in_tile < kb_end)[None],
+                        other=0)
+        a_new = tl.load(a_ptrs + kn // HALF,
+                        mask=row_ok[:, None] & ((kn // HALF + sub < KBLK)
+                                                & (tl.full([NB], kn, tl.int32) < kb_end))[None, :],
+                        other=0)
+        if PREFETCH == 2:
+            p_next = p_far
+            a_next = a_far
+            p_far = p_new
+            a_far = a_new
+        else:
+            p_next = p_new
+            a_next = a_new
         j = kb0 + in_tile
         j_ok = j < kb_end
         blk = kb0 // HALF + sub
@@ -162,13 +193,20 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
                               nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)  # [BN, NB]
         lvl_hi = _levels(p >> 4, levels_ptr, SELECT)                           # [BN, NB, HB]
         lvl_lo = _levels(p & 15, levels_ptr, SELECT)
-        for m in tl.static_range(BLOCK_M):
-            x_ok = j_ok & (tl.full([NB, HB], m, tl.int32) < M)
-            xe = tl.load(x_ptr + m * stride_xm + 2 * j, mask=x_ok, other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + m * stride_xm + 2 * j + 1, mask=x_ok, other=0.0).to(tl.float32)
-            part = tl.sum(lvl_hi * xe[None, :, :] + lvl_lo * xo[None, :, :], axis=2)  # [BN, NB]
-            dot = tl.sum(part * scale, axis=1)                                         # [BN]
-            acc += tl.where(tok[None, :] == m, dot[:, None], 0.0)
+        if BLOCK_M == 1:
+            xe = tl.load(x_ptr + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
+            acc1 += (lvl_hi * xe[None, :, :] + lvl_lo * xo[None, :, :]) * scale[:, :, None]
+        else:
+            for m in tl.static_range(BLOCK_M):
+                x_ok = j_ok & (tl.full([NB, HB], m, tl.int32) < M)
+                xe = tl.load(x_ptr + m * stride_xm + 2 * j, mask=x_ok, other=0.0).to(tl.float32)
+                xo = tl.load(x_ptr + m * stride_xm + 2 * j + 1, mask=x_ok, other=0.0).to(tl.float32)
+                part = tl.sum(lvl_hi * xe[None, :, :] + lvl_lo * xo[None, :, :], axis=2)  # [BN, NB]
+                dot = tl.sum(part * scale, axis=1)                                         # [BN]
+                acc += tl.where(tok[None, :] == m, dot[:, None], 0.0)
+    if BLOCK_M == 1:
+        acc += tl.sum(tl.sum(acc1, axis=2), axis=1)[:, None]
     _store_tile(y_ptr, acc, rows, tok, M, N, stride_ym, bias_ptr, HAS_BIAS, SPLIT_K)
 
 
@@ -282,7 +320,7 @@ def launch(A2: torch.Tensor, packed, absmax, nested_absmax, nested_code, offset,
         if M > cfg.block_m:
             raise ValueError(f"gemv config serves at most {cfg.block_m} tokens, got M={M}")
         grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
-        _gemv_kernel[grid](*args, BLOCK_KB=cfg.block_k, **meta)
+        _gemv_kernel[grid](*args, BLOCK_KB=cfg.block_k, PREFETCH=cfg.prefetch, **meta)
     else:
         grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
         precision = "ieee" if A2.dtype == torch.float32 else "tf32"
