@@ -20,10 +20,12 @@ Note: the same loss curve on any number of ranks.
     ranks' gradients (a sum, then / N) and a power-of-two scale is exact in floating point, so
     with the defaults (4 sequences, micro-batch 2) one device computes g0/2 + g1/2 and two
     ranks (g0 + g1)/2: the same bits, hence the same loss curve, adapters and optimizer state
-    (AdamW is elementwise). Other splits add the micro-batch gradients in another order and
-    agree to rounding (~1e-7 relative per step). On a GPU, kernels that do not reproduce bits
-    from run to run (split-K atomics) add their own noise. The logged loss is the mean over all
-    micro-batches of all ranks.
+    (AdamW is elementwise). Other splits add the micro-batch gradients in another order: with
+    bf16 compute each adapter gradient carries 8 significant bits, so their float32 sums are
+    exact unless magnitudes differ by 2^16, and on the CPU 4 micro-batches on 1 process vs 2 on
+    each of 2 gave the same bits too; in general expect agreement to float32 rounding. On a GPU,
+    kernels that do not reproduce bits from run to run (split-K atomics) add their own noise.
+    The logged loss is the mean over all micro-batches of all ranks.
 
 Outputs (``--out``): ``model/`` a bitsandbytes 4-bit checkpoint (frozen base) and ``adapter/``
 the LoRA weights (peft's ``adapter_model.safetensors`` + ``adapter_config.json``), both written
