@@ -74,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1, help="steps left out of the tokens/s figure")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU (gloo) even when there are GPUs")
     p.add_argument("--out", type=Path, default=None, help="save the bnb checkpoint and the adapter here")
     p.add_argument("--loss-json", type=Path, default=None, help="write losses and tokens/s here (rank 0)")
     args = p.parse_args(argv)
@@ -85,13 +86,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
+def setup_distributed(cpu: bool) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun: a process group (nccl with GPUs, else gloo)."""
+    gpu = torch.cuda.is_available() and not cpu
     if "RANK" not in os.environ:
-        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        return 0, 1, device
+        return 0, 1, torch.device("cuda", 0) if gpu else torch.device("cpu")
     local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
+    if gpu:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
@@ -155,7 +156,7 @@ def sync(device: torch.device) -> None:
 
 
 def train(args: argparse.Namespace) -> dict:
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.cpu)
     if args.global_batch % (args.micro_batch * world):
         raise ValueError(f"--global-batch {args.global_batch} must be a multiple of --micro-batch "
                          f"{args.micro_batch} x {world} ranks")

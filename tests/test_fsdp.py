@@ -1,5 +1,8 @@
 """QLoRA under FSDP2 on the CPU: examples/qlora_fsdp.py on 2 gloo processes against 1 process.
 
+Everything here runs on the CPU even on a GPU machine (``--cpu``): the exact comparisons rely on
+the CPU kernels' reproducible bits (bench/bench_fsdp.py compares on GPUs).
+
 The 1-process run trains the unsharded model (no process group at all), the 2-process run the
 model sharded by ``nf4.distributed.shard_model``; both see the same data, seeds and micro-batches.
 """
@@ -30,7 +33,7 @@ LORA_TENSORS = 28
 
 def _run(cmd: list[str], out: Path, fixtures: Path) -> dict:
     env = dict(os.environ, NF4_FIXTURES=str(fixtures), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    args = ["--steps", str(STEPS), "--global-batch", "4", "--micro-batch", "2",
+    args = ["--cpu", "--steps", str(STEPS), "--global-batch", "4", "--micro-batch", "2",
             "--out", str(out), "--loss-json", str(out / "result.json")]
     result = subprocess.run(cmd + [str(EXAMPLE)] + args, capture_output=True, text=True, timeout=240,
                             env=env, cwd=ROOT)
