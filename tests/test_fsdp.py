@@ -32,6 +32,8 @@ LORA_TENSORS = 28
 
 
 def _run(cmd: list[str], out: Path, fixtures: Path) -> dict:
+    # One thread per process in both runs: CPU matmul results depend on the thread count (1 vs 2
+    # threads moved the first loss of an 8B-shaped layer by 1.4e-4), the number of ranks must not.
     env = dict(os.environ, NF4_FIXTURES=str(fixtures), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     args = ["--cpu", "--steps", str(STEPS), "--global-batch", "4", "--micro-batch", "2",
             "--out", str(out), "--loss-json", str(out / "result.json")]
