@@ -105,7 +105,7 @@ def _check_layer(name: str, layer: QuantLinear4bit, device: torch.device) -> Non
         raise ValueError(f"{name}: the QuantLinear4bit weight is not quantized yet; move the model to "
                          f"its device (or load it with nf4.from_pretrained) before sharding")
     weight = layer.weight
-    if not isinstance(weight, Params4bit) or isinstance(weight, DTensor):
+    if not isinstance(weight, Params4bit):
         raise ValueError(f"{name}: weight is a {type(weight).__name__}, expected Params4bit; is the "
                          f"model sharded already?")
     if weight.device != device:
