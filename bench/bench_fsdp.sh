@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 NF4_FIXTURES="${NF4_FIXTURES:-.fixtures}"
 start=$SECONDS
-NF4_CUDA_ARCHS=90a pip install --no-build-isolation --no-deps -e . >/dev/null
+NF4_CUDA_ARCHS=90a python3 -m pip install --no-build-isolation --no-deps -e . >/dev/null  # python3 -m: the bare pip there is the system Python's
 echo "build: $((SECONDS - start)) s"
 nvidia-smi -L
 budget=$((540 - (SECONDS - start)))
