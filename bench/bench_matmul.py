@@ -118,9 +118,9 @@ def sweep_configs(tokens: int):
     bm = km.triton.next_power_of_2(tokens)
     both = (False, True)  # table gather, select tree
     if tokens <= km.GEMV_MAX_M:
-        return [C("gemv", block_m=bm, block_n=bn, block_k=bk, num_warps=w, prefetch=pf)
+        return [C("gemv", block_m=bm, block_n=bn, block_k=bk, num_warps=w, select=sel)
                 for bn, bk, w in [(8, 256, 4), (4, 256, 4), (8, 512, 8), (16, 256, 8), (8, 128, 4),
-                                  (16, 128, 4)] for pf in (1, 2)]
+                                  (16, 128, 4), (4, 1024, 8)] for sel in both]
     if tokens <= 16:
         return [C("dot", block_m=16, block_n=bn, block_k=bk, num_warps=w, split_k=sk, select=sel,
                   num_stages=st)

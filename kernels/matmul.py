@@ -1,4 +1,4 @@
-"""Fused 4-bit matmul in Triton: ``y = x @ dequantize(W).T + bias`` (the ``triton`` backend's ``matmul``).
+"""Fused 4-bit matmul in Triton: ``y = x @ dequantize(W).T + bias`` (the triton backend's matmul).
 
 The weight is read in bitsandbytes' layout as stored: ``[out, in]`` row-major, two codes per
 byte (element 2j in the high nibble), with its absmax (double-quantized or not) decoded in the
@@ -48,7 +48,6 @@ class Config:
     block_k: int = 64      # gemv: packed bytes per row per iteration; dot: elements per iteration
     split_k: int = 1       # programs sharing one output tile along K (fp32 atomics when > 1)
     select: bool = False   # decode levels with a select tree instead of a table gather
-    prefetch: int = 1      # gemv: tiles requested ahead of the one being decoded (1 or 2)
     num_warps: int = 4
     num_stages: int = 1    # 1: the kernels double-buffer in registers themselves
 
@@ -59,7 +58,8 @@ def choose_config(M: int, N: int, K: int, blocksize: int, device: torch.device) 
     Chosen from ``python -m bench.bench_matmul --sweep`` on an H100 (2026-11-22; bf16 x, nf4 + double
     quant, blocksize 64; time / bf16 F.linear time on 4096x4096, 14336x4096, 4096x14336, 28672x8192):
       1 token   gemv 8 rows x 256 B, 4 warps:   0.84 0.88 0.90 0.91 (16 rows/8 warps: up to 1.05,
-                256 B tiles beat 512/1024 B ones, select-tree decode 1.13-1.28, split-K 1.25+)
+                256 B tiles beat 512/1024 B ones, select-tree decode 1.13-1.28, split-K 1.25+,
+                a second tile prefetched in registers 0.88-0.99: not kept)
       4 tokens  the same gemv:                  1.67 2.11 2.19 2.33 (dequant + cuBLAS ~1.6-2.4)
       16 tokens dot 16x32x256, split-K 2:       1.39 1.68 1.52 1.77; dot 16x64x128, split-K 2:
                 1.61 1.47 1.85 1.30, so 64-row tiles where N >= 8192 (enough programs)
@@ -130,8 +130,7 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
                  BLOCK_N: tl.constexpr,           # weight rows per program
                  BLOCK_KB: tl.constexpr,          # packed bytes per row per iteration
                  SPLIT_K: tl.constexpr,           # programs along K
-                 SELECT: tl.constexpr,            # level decode (see _levels)
-                 PREFETCH: tl.constexpr):         # weight tiles in flight ahead of the one decoded
+                 SELECT: tl.constexpr):           # level decode (see _levels)
     HALF: tl.constexpr = BLOCKSIZE // 2                                    # bytes per absmax block
     HB: tl.constexpr = HALF if HALF < BLOCK_KB else BLOCK_KB               # bytes per sub-block
     NB: tl.constexpr = BLOCK_KB // HB                                      # sub-blocks per iteration
@@ -157,34 +156,20 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
     # Register double buffering: the next tile's bytes and absmax are requested before this tile
     # is decoded, so each program keeps a DRAM read in flight (Triton's pipeliner only stages
     # loads that feed tl.dot; without this the loop waits a full memory latency per iteration).
-    p_next = tl.load(w_ptrs + kb_start, mask=row_ok[:, None, None] & (kb_start + in_tile < kb_end)[None],
-                     other=0)
+    p_next = tl.load(w_ptrs + kb_start,
+                     mask=row_ok[:, None, None] & (kb_start + in_tile < kb_end)[None], other=0)
     a_next = tl.load(a_ptrs + kb_start // HALF,
                      mask=row_ok[:, None] & (kb_start // HALF + sub < KBLK)[None, :], other=0)
-    # With PREFETCH == 2 a second tile is in flight as well (p_far, a_far).
-    kf = kb_start + BLOCK_KB
-    p_far = tl.load(w_ptrs + kf, mask=row_ok[:, None, None] & (kf + in_tile < kb_end)[None]
-                    & (PREFETCH == 2), other=0)
-    a_far = tl.load(a_ptrs + kf // HALF, mask=row_ok[:, None] & ((kf // HALF + sub < KBLK)
-                    & (tl.full([NB], kf, tl.int32) < kb_end))[None, :] & (PREFETCH == 2), other=0)
     for kb0 in range(kb_start, kb_end, BLOCK_KB):
         p = p_next.to(tl.int32)
         a_raw = a_next
-        kn = kb0 + PREFETCH * BLOCK_KB
-        p_new = tl.load(w_ptrs + kn, mask=row_ok[:, None, None] & (kn + in_tile < kb_end)[None],
-                        other=0)
-        a_new = tl.load(a_ptrs + kn // HALF,
-                        mask=row_ok[:, None] & ((kn // HALF + sub < KBLK)
-                                                & (tl.full([NB], kn, tl.int32) < kb_end))[None, :],
-                        other=0)
-        if PREFETCH == 2:
-            p_next = p_far
-            a_next = a_far
-            p_far = p_new
-            a_far = a_new
-        else:
-            p_next = p_new
-            a_next = a_new
+        kn = kb0 + BLOCK_KB
+        p_next = tl.load(w_ptrs + kn, mask=row_ok[:, None, None] & (kn + in_tile < kb_end)[None],
+                         other=0)
+        a_next = tl.load(a_ptrs + kn // HALF,
+                         mask=row_ok[:, None] & ((kn // HALF + sub < KBLK)
+                                                 & (tl.full([NB], kn, tl.int32) < kb_end))[None, :],
+                         other=0)
         j = kb0 + in_tile
         j_ok = j < kb_end
         blk = kb0 // HALF + sub
@@ -261,10 +246,11 @@ def _dot_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_pt
                          other=0)
         x_next = tl.load(x_ptrs + kn, mask=tok_ok[None, :] & (kn + kk < k_end)[:, None], other=0.0)
         a_next = tl.load(a_ptrs + kn // BLOCKSIZE,
-                         mask=row_ok[:, None] & ((kn // BLOCKSIZE + sub < KBLK) & (tl.full([NB], kn, tl.int32) < k_end))[None, :],
+                         mask=row_ok[:, None] & ((kn // BLOCKSIZE + sub < KBLK)
+                                                 & (tl.full([NB], kn, tl.int32) < k_end))[None, :],
                          other=0)
-        w = tl.reshape(tl.join(_levels(p >> 4, levels_ptr, SELECT), _levels(p & 15, levels_ptr, SELECT)),
-                       [BLOCK_N, BLOCK_K])
+        w = tl.reshape(tl.join(_levels(p >> 4, levels_ptr, SELECT),
+                               _levels(p & 15, levels_ptr, SELECT)), [BLOCK_N, BLOCK_K])
         blk = k0 // BLOCKSIZE + sub
         scale = decode_absmax(a_raw, rows64[:, None] * KBLK + blk[None, :],
                               row_ok[:, None] & (blk < KBLK)[None, :], nested_absmax_ptr,
@@ -311,7 +297,8 @@ def launch(A2: torch.Tensor, packed, absmax, nested_absmax, nested_code, offset,
     k_per_split = _k_per_split(K, cfg.split_k, step)
     args = (A2, packed, absmax, nested_absmax if nested else absmax,
             nested_code if nested else levels, offset if nested else levels, levels,
-            bias if bias is not None else levels, y, M, N, K, A2.stride(0), y.stride(0), k_per_split)
+            bias if bias is not None else levels, y, M, N, K, A2.stride(0), y.stride(0),
+            k_per_split)
     meta = dict(BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
                 HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 SPLIT_K=cfg.split_k, SELECT=cfg.select, num_warps=cfg.num_warps,
@@ -320,7 +307,7 @@ def launch(A2: torch.Tensor, packed, absmax, nested_absmax, nested_code, offset,
         if M > cfg.block_m:
             raise ValueError(f"gemv config serves at most {cfg.block_m} tokens, got M={M}")
         grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
-        _gemv_kernel[grid](*args, BLOCK_KB=cfg.block_k, PREFETCH=cfg.prefetch, **meta)
+        _gemv_kernel[grid](*args, BLOCK_KB=cfg.block_k, **meta)
     else:
         grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
         precision = "ieee" if A2.dtype == torch.float32 else "tf32"

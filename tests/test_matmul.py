@@ -116,7 +116,7 @@ def test_shape_off_the_block_grid(kernel_backend):
 def _triton_configs():
     Config = pytest.importorskip("nf4.kernels.matmul").Config
     return [
-        Config("gemv", block_m=8, block_n=4, block_k=64, prefetch=2),   # several K iterations
+        Config("gemv", block_m=8, block_n=4, block_k=64),               # several K iterations
         Config("gemv", block_m=2, block_n=8, block_k=32, split_k=3, select=True),  # split-K, atomics
         Config("dot", block_m=16, block_n=16, block_k=64, split_k=2),
         Config("dot", block_m=32, block_n=64, block_k=256, select=True),  # 4 absmax blocks per tile
