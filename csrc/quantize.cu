@@ -1,8 +1,8 @@
 // Blockwise 4-bit quantization (NF4, FP4) of fp32/fp16/bf16 input, and the nested (double)
 // quantization of the absmax values.
 //
-// Two launches quantize a weight (three with double quantization, the mean between them being
-// torch's own reduction, see nf4/cuda_backend.py):
+// One launch quantizes a weight; double quantization adds torch's mean of the absmax (the reduction
+// bitsandbytes uses, see nf4/cuda_backend.py) and a second, small kernel:
 //   quantize_kernel         reads the weight once: per-block absmax, scale, encode, pack.
 //   quantize_absmax_kernel  the nested step on the float32 absmax (n/64 values: ~2% of the bytes).
 //
@@ -37,8 +37,9 @@ __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { retu
 // mantissa bits of key * scale + (1.5 * 2^23 + offset) rounded down once (ulp 1 there), which is
 // exact. NaN (a block whose absmax is 0 scales 0 * inf) is 0x7fffffff, cell 63, bucket 0: code 0,
 // as bitsandbytes stores such blocks.
+// Both tables are 32-bit words indexed by the same cell, so one address serves both loads.
 template <QuantType QT>
-__device__ __forceinline__ uint32_t encode(float x, const float* s_inside, const uint8_t* s_below,
+__device__ __forceinline__ uint32_t encode(float x, const float* s_inside, const uint32_t* s_below,
                                            float scale, float magic, uint32_t fp4_codes) {
   const float key = QT == kNF4 ? x : fabsf(x);
   const uint32_t cell = __float_as_uint(__fmaf_rd(key, scale, magic)) & (kEncodeCells - 1);
@@ -55,9 +56,11 @@ __device__ __forceinline__ uint32_t encode(float x, const float* s_inside, const
 // A quantization block is then blocksize/V consecutive lanes of one row (blocksize <= 32*V,
 // reduced with shuffles), or several whole rows (reduced through shared memory; a CTA tile of
 // at least 4096 elements always holds whole blocks).
+// 5 CTAs per SM (48 registers, no spills) rather than the 4 that 61 registers allow: more warps
+// to cover the load -> reduce -> encode -> store phases of each warp.
 template <typename T,      // input element type: float, __half or __nv_bfloat16
           QuantType QT>    // NF4 or FP4 encoder
-__global__ void __launch_bounds__(kThreads) quantize_kernel(
+__global__ void __launch_bounds__(kThreads, 5) quantize_kernel(
     const T* __restrict__ in, int64_t n, int log2_bs, uint8_t* __restrict__ packed,
     float* __restrict__ absmax, EncodeTable table, bool in_aligned) {
   constexpr int V = 16 / sizeof(T);                      // elements per 16-byte chunk
@@ -67,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(
   static_assert(kTile >= 4096, "a CTA tile must hold whole blocks of the largest blocksize");
 
   __shared__ float s_inside[kEncodeCells];
-  __shared__ uint8_t s_below[kEncodeCells];
+  __shared__ uint32_t s_below[kEncodeCells];
   __shared__ float s_rowmax[kWarps * J];
   __shared__ float s_blockmax[kTile / 32];
   if (threadIdx.x < kEncodeCells) {
