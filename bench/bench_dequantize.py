@@ -9,8 +9,6 @@ once, the bf16 weight written once. Writes the ``dequantize`` section of bench/R
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 import nf4
@@ -19,7 +17,6 @@ from bench.common import stamp, table, write_section
 from nf4 import codebook, cuda_backend
 from nf4.testing import BENCH_SHAPES
 
-log = logging.getLogger(__name__)
 
 
 def main() -> None:
@@ -68,5 +65,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
     main()

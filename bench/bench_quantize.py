@@ -10,7 +10,6 @@ codes and the nested absmax written once. Writes the ``quantize`` section of ben
 from __future__ import annotations
 
 import importlib
-import logging
 
 import torch
 
@@ -20,7 +19,6 @@ from nf4 import backends, codebook, cuda_backend
 from nf4.quant_state import num_blocks
 from nf4.testing import BENCH_SHAPES
 
-log = logging.getLogger(__name__)
 BLOCKSIZE = 64
 
 try:
@@ -103,5 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
     main()
