@@ -18,7 +18,6 @@ from nf4 import codebook, cuda_backend
 from nf4.testing import BENCH_SHAPES
 
 
-
 def main() -> None:
     rows = []
     has_triton = kernel_available("triton", "dequantize")
