@@ -16,13 +16,21 @@ Note: NF4 derivation.
 Note: decision thresholds.
     A value is encoded as the level nearest to it. The decision boundaries are the midpoints of
     adjacent levels, computed in float64 and rounded to float32; a value strictly above a
-    threshold takes the upper code, a value equal to it the lower one. For FP4 the thresholds are
-    bitsandbytes' published constants (they are the midpoints to 7 or 8 digits), because the GPU
-    decision tree that produced every fp4 checkpoint uses exactly those.
+    threshold takes the upper code, a value equal to it the lower one. Every float64 midpoint of
+    two float32 levels lies exactly halfway between two float32 values, so "rounded" needs a
+    tie rule, and bitsandbytes' is the one that decides every existing checkpoint: its kernel
+    holds each midpoint as a decimal literal (the shortest repr of the float64), which the
+    compiler rounds to the nearest float32 from the decimal. That decimal sits just above or
+    below the halfway point, so 4 of the 15 thresholds (indices 0, 8, 12, 14) end one ulp away
+    from round-half-to-even. We round the same way, so values lying exactly on a threshold
+    encode as bitsandbytes encodes them (the CUDA backend then matches its bytes with no
+    exceptions: 0 of 786K threshold-adjacent values differ on an H100). For FP4 the thresholds
+    are bitsandbytes' published constants (the midpoints to 7 or 8 digits), read the same way.
 """
 from __future__ import annotations
 
 import functools
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -69,15 +77,32 @@ def levels(quant_type: str) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.float32)
 
 
+def decimal_to_float32(text: str) -> float:
+    """The float32 nearest to the decimal number ``text`` (ties to even), rounded once, from the
+    decimal itself as a C compiler reads a float literal; numpy rounds through float64 first."""
+    exact = Fraction(text)
+    f = np.float32(float(exact))
+    candidates = (np.nextafter(f, np.float32(-np.inf)), f, np.nextafter(f, np.float32(np.inf)))
+    best = min(candidates, key=lambda c: (abs(Fraction(float(c)) - exact),
+                                          int(np.array(c, dtype=np.float32).view(np.int32)) & 1))
+    return float(best)
+
+
+@functools.cache
+def _nf4_thresholds() -> tuple[float, ...]:
+    lv = np.array(_nf4_levels(), dtype=np.float64)
+    # See Note: decision thresholds (float64 midpoint -> shortest decimal -> float32).
+    return tuple(decimal_to_float32(repr(float(m))) for m in (lv[:-1] + lv[1:]) / 2.0)
+
+
 def nf4_thresholds() -> torch.Tensor:
     """15 float32 decision thresholds between adjacent NF4 levels (x > t: upper code)."""
-    lv = np.array(_nf4_levels(), dtype=np.float64)
-    return torch.tensor((lv[:-1] + lv[1:]) / 2.0, dtype=torch.float32)
+    return torch.tensor(_nf4_thresholds(), dtype=torch.float32)
 
 
 def fp4_thresholds() -> torch.Tensor:
     """7 float32 decision thresholds on |x| between FP4 magnitudes sorted ascending."""
-    return torch.tensor(FP4_THRESHOLDS, dtype=torch.float32)
+    return torch.tensor([decimal_to_float32(repr(t)) for t in FP4_THRESHOLDS], dtype=torch.float32)
 
 
 def fp4_sorted_codes() -> torch.Tensor:

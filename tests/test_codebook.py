@@ -1,4 +1,6 @@
 """The codebook against literal tables and bitsandbytes' own copies (fixtures)."""
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -36,10 +38,36 @@ def test_dynamic_map_matches_bnb(fixtures):
 
 def test_nf4_thresholds_are_float64_midpoints_rounded_to_float32():
     lv = np.array(NF4_LITERALS, dtype=np.float64)
-    expected = torch.tensor((lv[:-1] + lv[1:]) / 2, dtype=torch.float32)
+    mids = (lv[:-1] + lv[1:]) / 2
     t = codebook.nf4_thresholds()
-    assert torch.equal(t, expected)
+    half_even = torch.tensor(mids, dtype=torch.float32)
+    for i, m in enumerate(mids):
+        # A correct rounding of m: no farther from it than round-half-to-even's result (ties may
+        # go either way; which way is bitsandbytes' choice, see Note: decision thresholds).
+        assert abs(Fraction(float(t[i])) - Fraction(m)) <= abs(Fraction(float(half_even[i])) - Fraction(m))
     assert bool((t[1:] > t[:-1]).all())
+
+
+def test_nf4_thresholds_round_like_bitsandbytes_decimal_literals():
+    """The four thresholds where a decimal-literal rounding and round-half-to-even disagree."""
+    lv = np.array(NF4_LITERALS, dtype=np.float64)
+    mids = (lv[:-1] + lv[1:]) / 2
+    half_even = torch.tensor(mids, dtype=torch.float32)
+    differs = (codebook.nf4_thresholds() != half_even).nonzero().reshape(-1).tolist()
+    assert differs == [0, 8, 12, 14]
+    # The decimal literal of threshold 14 is 0.8614784181118011: check the single rounding.
+    assert codebook.decimal_to_float32("0.8614784181118011") == float(codebook.nf4_thresholds()[14])
+
+
+def test_decimal_to_float32_rounds_once_from_the_decimal():
+    # 1 + 2^-24 is halfway between 1.0 and the next float32. The decimal "1.0000000596046448" (its
+    # shortest float64 repr) lies just above it, so a single rounding goes up; rounding through
+    # float64 first would land exactly on the halfway point and go down to even (1.0).
+    next_up = float(np.nextafter(np.float32(1), np.float32(2)))
+    assert codebook.decimal_to_float32("1.0000000596046448") == next_up
+    assert float(np.float32(float("1.0000000596046448"))) == 1.0
+    assert codebook.decimal_to_float32("1.0000000596046447") == 1.0
+    assert codebook.decimal_to_float32("1.000000059604644775390625") == 1.0  # exact tie: to even
 
 
 def test_fp4_table_and_thresholds():
