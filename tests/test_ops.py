@@ -34,7 +34,9 @@ def test_opcheck_reference(dq):
 def test_opcheck_kernel_backend(kernel_backend):
     x = torch.randn(33, 64, dtype=torch.bfloat16, device=DEVICE)
     opcheck(torch.ops.nf4.quantize.default, (x, 64, "nf4", True))
+    nf4.set_backend("reference")  # the CPU test weight: kernel backends need DEVICE tensors
     packed, s = weight()
+    nf4.set_backend(kernel_backend)
     packed, s = packed.to(DEVICE), s.to(DEVICE)
     opcheck(torch.ops.nf4.dequantize.default, (*op_args(packed, s), list(s.shape), torch.bfloat16))
 
