@@ -36,6 +36,19 @@ from nf4 import backends, codebook, ops
 FUSED_MAX_TOKENS = 64
 
 
+def resolve_dtypes(x: torch.Tensor, compute_dtype: Optional[torch.dtype]) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, output dtype) of a layer call: the autocast dtype for both under autocast,
+    else the layer's ``compute_dtype`` (None: the input's) and the input's dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return dtype, dtype
+    compute = compute_dtype or x.dtype
+    if compute not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"compute dtype must be float16, bfloat16 or float32, got {compute}")
+    return compute, x.dtype
+
+
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """A bool keep-mask of x's shape (keep probability ``1 - p``), drawn from the current RNG.
 

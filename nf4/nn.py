@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from nf4 import codebook, functional
-from nf4.autograd import dropout_mask, quant_lora_linear
+from nf4.autograd import dropout_mask, quant_lora_linear, resolve_dtypes
 from nf4.quant_state import QuantState, check_blocksize, check_float_dtype
 
 __all__ = ["QuantLinear4bit", "Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
@@ -397,14 +397,7 @@ class QuantLinear4bit(nn.Module):
             self.weight._quantize(x.device)
             if self.bias is not None and self.bias.device != x.device:
                 self.bias = nn.Parameter(self.bias.data.to(x.device), requires_grad=False)
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            compute_dtype = out_dtype = torch.get_autocast_dtype(device_type)
-        else:
-            compute_dtype = self.compute_dtype or x.dtype
-            out_dtype = x.dtype
-        if compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"compute dtype must be float16, bfloat16 or float32, got {compute_dtype}")
+        compute_dtype, out_dtype = resolve_dtypes(x, self.compute_dtype)
         mask = None
         if self.lora_rank and self.training and self.lora_dropout > 0:
             mask = dropout_mask(x, self.lora_dropout)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from nf4 import functional
-from nf4.autograd import dropout_mask, quant_lora_linear
+from nf4.autograd import dropout_mask, quant_lora_linear, resolve_dtypes
 from nf4.nn import QuantLinear4bit
 
 try:
@@ -163,14 +163,7 @@ class LoraQuantLinear4bit(*_Base):
         return result
 
     def _fused_forward(self, x: torch.Tensor, base: QuantLinear4bit, name: str) -> torch.Tensor:
-        # The dtype rules of QuantLinear4bit.forward: autocast dtype under autocast, else the
-        # layer's compute dtype, output in the input's dtype.
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            compute_dtype = out_dtype = torch.get_autocast_dtype(device_type)
-        else:
-            compute_dtype = base.compute_dtype or x.dtype
-            out_dtype = x.dtype
+        compute_dtype, out_dtype = resolve_dtypes(x, base.compute_dtype)  # QuantLinear4bit's rules
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
         mask = dropout_mask(x, p) if p > 0 else None
