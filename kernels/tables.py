@@ -35,5 +35,5 @@ def device_tables(device: torch.device) -> Tables:
         fp4_thresholds=codebook.fp4_thresholds().to(device),
         fp4_sorted_codes=codebook.fp4_sorted_codes().to(torch.int32).to(device),
         dynamic_thresholds=codebook.dynamic_map_thresholds().to(device),
-        dynamic_zero_code=codebook.dynamic_map().tolist().index(0.0),
+        dynamic_zero_code=codebook.dynamic_zero_code(),
     )

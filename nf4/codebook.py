@@ -136,6 +136,12 @@ def dynamic_map() -> torch.Tensor:
     return torch.tensor(_dynamic_map(), dtype=torch.float32)
 
 
+def dynamic_zero_code() -> int:
+    """The dynamic-map code of 0.0: a nested block of identical absmax values centres to zeros
+    and is stored with this code, so that it decodes back to the offset."""
+    return _dynamic_map().index(0.0)
+
+
 def dynamic_map_thresholds() -> torch.Tensor:
     """255 float32 midpoints of adjacent dynamic-map values (x > t: upper code).
 

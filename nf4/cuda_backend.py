@@ -69,7 +69,7 @@ def _encode_table(quant_type: str) -> "_C.EncodeTable":
 _ENCODE = {qt: _encode_table(qt) for qt in codebook.QUANT_TYPES}
 _DECODE = {qt: _C.DecodeTable(codebook.levels(qt).tolist()) for qt in codebook.QUANT_TYPES}
 _NESTED = _C.NestedTable(codebook.dynamic_map_thresholds().tolist() + [math.inf],
-                         codebook.dynamic_map().tolist().index(0.0))
+                         codebook.dynamic_zero_code())
 
 
 def _stream(device: torch.device) -> int:

@@ -87,7 +87,7 @@ def quantize_absmax(absmax: torch.Tensor, nested_blocksize: int = codebook.NESTE
     thresholds = codebook.dynamic_map_thresholds().to(absmax.device)
     # A block of identical absmax values centres to zeros: scaled is NaN there, stored as the
     # code of 0.0 so that it decodes back to the offset.
-    zero = codebook.dynamic_map().tolist().index(0.0)
+    zero = codebook.dynamic_zero_code()
     codes = torch.where(torch.isnan(scaled), zero, torch.bucketize(scaled, thresholds))
     return codes.to(torch.uint8), nested_absmax, offset
 

@@ -86,7 +86,7 @@ def _nested_reference(absmax: torch.Tensor, offset: torch.Tensor):
     centred = absmax - offset
     nested = reference.blockwise_absmax(centred, codebook.NESTED_BLOCKSIZE)
     scaled = reference._scale_blocks(centred, nested, codebook.NESTED_BLOCKSIZE)
-    zero = codebook.dynamic_map().tolist().index(0.0)
+    zero = codebook.dynamic_zero_code()
     codes = torch.where(torch.isnan(scaled), zero, torch.bucketize(scaled, codebook.dynamic_map_thresholds()))
     return codes, nested, scaled
 
