@@ -26,7 +26,13 @@ Note: sharding the packed weight.
       parameters under ``MixedPrecisionPolicy(param_dtype=...)`` (a bf16 view of packed bytes
       cast to fp32 would be garbage) while it never casts integer ones. So uint8 storage is
       the safe default; a bf16 view still works and ``shard_model`` refuses a policy that
-      would cast it.
+      would cast it. One exception: FSDP2 in torch 2.11 (and, by the same code, earlier)
+      wraps every shard as ``nn.Parameter(shard)`` before restoring ``requires_grad``, which
+      raises for integer dtypes ("only Tensors of floating point dtype can require
+      gradients"); later versions pass ``requires_grad`` through. ``shard_model`` finds out
+      which by sharding a one-parameter probe module, and on the older ones views the packed
+      bytes as bfloat16 first (``quant_storage=torch.bfloat16``, bitsandbytes' choice for
+      FSDP). Checkpoints are written as uint8 either way.
     - A tensor subclass with ``fsdp_pre_all_gather``/``fsdp_post_all_gather`` could shard the
       quant state too and gather it in the same collective, but the sharded tensor must then
       implement every op FSDP applies while sharding (chunk, pad, view, copy_): a large second
@@ -114,6 +120,45 @@ def _check_layer(name: str, layer: QuantLinear4bit, device: torch.device) -> Non
     layer.quant_state.validate(functional._as_uint8(weight))
 
 
+_INTEGER_PARAMETERS: dict[str, bool] = {}
+
+
+def _fsdp_shards_integer_parameters(mesh: DeviceMesh, device: torch.device) -> bool:
+    """Whether this torch's ``fully_shard`` accepts a frozen uint8 parameter (a probe module;
+    no communication: sharding a module only splits its local tensors)."""
+    if device.type not in _INTEGER_PARAMETERS:
+        probe = nn.Module()
+        probe.packed = nn.Parameter(torch.zeros(2 * mesh.size(), 1, dtype=torch.uint8, device=device),
+                                    requires_grad=False)
+        try:
+            fully_shard(probe, mesh=mesh)
+            _INTEGER_PARAMETERS[device.type] = True
+        except RuntimeError as e:
+            if "floating point" not in str(e):
+                raise
+            _INTEGER_PARAMETERS[device.type] = False
+            log.info("this torch's FSDP2 cannot shard uint8 parameters (%s); packed weights are "
+                     "viewed as bfloat16 for sharding", e)
+    return _INTEGER_PARAMETERS[device.type]
+
+
+def _store_as(layer: QuantLinear4bit, dtype: torch.dtype) -> None:
+    """View a layer's packed bytes as ``dtype`` (same memory; ``quant_storage`` follows)."""
+    weight = layer.weight
+    if weight.dtype == dtype:
+        return
+    raw = functional._as_uint8(weight.data)
+    if raw.numel() % dtype.itemsize:
+        raise ValueError(f"torch {torch.__version__}'s FSDP2 cannot shard uint8 parameters, and a weight "
+                         f"of {raw.numel()} packed bytes (shape {tuple(weight.quant_state.shape)}) cannot "
+                         f"be viewed as {dtype}; use a newer torch (2.13 shards uint8) or an even "
+                         f"out_features * in_features")
+    data = functional._view_storage(raw, dtype)
+    layer.weight = Params4bit(data, weight.requires_grad, weight.quant_state, weight.blocksize,
+                              weight.compress_statistics, weight.quant_type, dtype, weight.module,
+                              weight.bnb_quantized)
+
+
 def _mesh_device(mesh: DeviceMesh) -> torch.device:
     if mesh.device_type == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
@@ -156,6 +201,10 @@ def shard_model(model: nn.Module, mesh: Optional[DeviceMesh] = None, *,
     device = _mesh_device(mesh)
     for name, layer in quant.items():
         _check_layer(name, layer, device)
+    if not _fsdp_shards_integer_parameters(mesh, device):
+        # See Note: sharding the packed weight (torch 2.11's FSDP2 and integer parameters).
+        for layer in quant.values():
+            _store_as(layer, torch.bfloat16)
     policy = fully_shard_kwargs.get("mp_policy")
     if isinstance(policy, MixedPrecisionPolicy) and policy.param_dtype is not None:
         floating = sorted({layer.weight.dtype for layer in quant.values() if layer.weight.dtype.is_floating_point

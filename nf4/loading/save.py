@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from nf4 import functional
 from nf4.loading.checkpoint import PICKLE_SUFFIXES, SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME
 from nf4.loading.model import _shared_parameters
 from nf4.loading.resolve import AUX_FILES
@@ -81,11 +82,15 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     # Tied parameters (an lm_head sharing the embedding) are saved once, under their first name,
     # as transformers does; quantization states may share tables (quant_map) and are all kept.
     tied = {n for names in _shared_parameters(model).values() for n in names[1:]}
+    # The config says bnb_4bit_quant_storage "uint8": bytes viewed as another dtype (FSDP) are
+    # written as the uint8 [n, 1] tensor they are.
+    packed = {f"{n}.weight" for n, m in model.named_modules()
+              if isinstance(m, QuantLinear4bit) and m.weight.bnb_quantized}
     tensors: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         if name in lora or name in tied:
             continue
-        tensors[name] = t
+        tensors[name] = functional._as_uint8(t).view(-1, 1) if name in packed else t
     return tensors
 
 
