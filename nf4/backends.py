@@ -37,6 +37,10 @@ _AUTO_ORDER_CUDA = {
 _override: Optional[str] = None
 _loaded: dict[str, ModuleType] = {}
 _load_errors: dict[str, str] = {}
+# The automatic choice for CUDA tensors, per operation, once made: it depends only on which
+# backends import, and _load remembers both outcomes, so it never changes. resolve() runs once or
+# twice per layer call, and the walk down _AUTO_ORDER_CUDA doubled its cost.
+_auto_cuda: dict[str, ModuleType] = {}
 
 
 def set_backend(name: Optional[str]) -> None:
@@ -108,7 +112,9 @@ def resolve(device: torch.device, op: str) -> ModuleType:
                                + (f": {why}" if why else ""))
         return _load(forced)
     if device.type == "cuda":
-        for name in _AUTO_ORDER_CUDA[op]:
-            if supports(name, device):
-                return _load(name)
+        module = _auto_cuda.get(op)
+        if module is None:
+            module = next(_load(name) for name in _AUTO_ORDER_CUDA[op] if supports(name, device))
+            _auto_cuda[op] = module
+        return module
     return _load("reference")

@@ -31,11 +31,19 @@ from nf4.quant_state import check_blocksize, check_float_dtype, num_blocks, pack
 
 # ------------------------------------------------------------------------------------ checks
 def _check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
-    present = {k: t.device for k, t in tensors.items() if t is not None}
-    if len(set(present.values())) > 1:
-        raise ValueError("nf4: tensors on different devices: "
-                         + ", ".join(f"{k} on {d}" for k, d in present.items()))
-    return next(iter(present.values()))
+    # A loop rather than a set of devices: it runs on every layer call, and builds nothing
+    # unless the devices differ.
+    device = None
+    for t in tensors.values():
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError("nf4: tensors on different devices: "
+                             + ", ".join(f"{k} on {v.device}" for k, v in tensors.items()
+                                         if v is not None))
+    return device
 
 
 def check_quantize_args(A: torch.Tensor, blocksize: int, quant_type: str) -> None:
@@ -87,6 +95,17 @@ def check_dequantize_args(packed, absmax, nested_absmax, nested_code, offset, bl
         raise TypeError(f"absmax must be float32 (or uint8 with nested_absmax), got {absmax.dtype}")
     return _check_same_device(packed=packed, absmax=absmax, nested_absmax=nested_absmax,
                               nested_code=nested_code, offset=offset)
+
+
+def check_matmul_inputs(A, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                        nested_blocksize, quant_type, out_features, in_features, bias) -> torch.device:
+    """Every check ``torch.ops.nf4.matmul`` runs (these also cover ``dequantize`` of the weight to
+    ``A.dtype``); returns the device."""
+    device = check_dequantize_args(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                   nested_blocksize, quant_type, (out_features, in_features), A.dtype)
+    check_matmul_args(A, bias, out_features, in_features)
+    _check_same_device(A=A, packed=packed, bias=bias)
+    return device
 
 
 def check_matmul_args(A, bias, out_features, in_features) -> None:
@@ -180,10 +199,8 @@ def matmul(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
            nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
            offset: Optional[torch.Tensor], blocksize: int, nested_blocksize: int, quant_type: str,
            out_features: int, in_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    device = check_dequantize_args(packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                   nested_blocksize, quant_type, (out_features, in_features), A.dtype)
-    check_matmul_args(A, bias, out_features, in_features)
-    _check_same_device(A=A, packed=packed, bias=bias)
+    device = check_matmul_inputs(A, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                 nested_blocksize, quant_type, out_features, in_features, bias)
     return backends.resolve(device, "matmul").matmul(
         A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
         quant_type, out_features, in_features, bias)
