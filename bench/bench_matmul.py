@@ -141,6 +141,41 @@ def sweep_configs(tokens: int):
     return [C("dot", block_m=128, block_n=256, block_k=64, num_warps=8, select=True), C("dequant")]
 
 
+def sweep_cuda_configs(tokens: int):
+    cb = importlib.import_module("nf4.cuda_backend")
+    tile = next((t for t in cb.TOKEN_TILES if tokens <= t), cb.TOKEN_TILES[-1])
+    return [(tile, rows, warps) for rows in cb.ROW_TILES for warps in (4, 8, 16)
+            if not (tile == 32 and rows == 64) and warps * tile // 8 <= 64]
+
+
+def run_sweep_cuda(only_tokens) -> None:
+    """Time every tile configuration of the CUDA fused kernel (csrc/matmul.cu)."""
+    cb = importlib.import_module("nf4.cuda_backend")
+    lines = []
+    for out_f, in_f in BENCH_SHAPES:
+        W, packed, state = quantized(out_f, in_f)
+        s2 = state.state2
+        args = (packed.reshape(-1), state.absmax, s2.absmax, s2.code, state.offset, 64, 256, "nf4",
+                out_f, in_f, None)
+        for tokens in only_tokens or [t for t in BENCH_TOKENS if t <= 64]:
+            x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+            base = timed(lambda: F.linear(x, W))
+            chosen = cb.matmul_config(tokens, out_f, in_f, cb._sm_count(x.device))
+            results = []
+            for cfg in sweep_cuda_configs(tokens):
+                ms = bench_ms(graphed(lambda: cb.fused_matmul(x, *args, config=cfg)))[0]
+                results.append((ms, cfg))
+            results.sort(key=lambda r: r[0])
+            lines.append(f"{out_f}x{in_f} tokens={tokens} bf16={base * 1e3:.1f}us chosen={chosen}")
+            lines += [f"    {ms * 1e3:8.1f}us  {ms / base:5.2f}x  {cfg}" for ms, cfg in results]
+            log.info("\n%s", "\n".join(lines[-len(results) - 1:]))
+        del W, packed, state
+        torch.cuda.empty_cache()
+    write_section("matmul_sweep_cuda", "\n".join(["## CUDA fused matmul config sweep (tuning, not a result)",
+                                                    stamp(), "(token_tile, rows_per_cta, warps)", "```",
+                                                    *lines, "```"]))
+
+
 def run_sweep(only_tokens) -> None:
     km = importlib.import_module("nf4.kernels.matmul")
     lines = []
@@ -173,12 +208,15 @@ def run_sweep(only_tokens) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="time candidate configs instead")
+    parser.add_argument("--cuda", action="store_true", help="with --sweep: the CUDA fused kernel's configs")
     parser.add_argument("--tokens", type=lambda v: [int(t) for t in v.split(",")], default=None,
                         help="sweep only these token counts (comma-separated)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     with torch.no_grad():
-        if args.sweep:
+        if args.sweep and args.cuda:
+            run_sweep_cuda(args.tokens)
+        elif args.sweep:
             run_sweep(args.tokens)
         else:
             run_table()

@@ -25,13 +25,13 @@ log = logging.getLogger(__name__)
 BACKENDS = ("reference", "triton", "cuda")
 # Modules implementing the backend protocol: quantize, dequantize, matmul with the ops' signatures.
 _MODULES = {"reference": "nf4.reference_backend", "triton": "nf4.kernels", "cuda": "nf4.cuda_backend"}
-# Automatic choice on CUDA tensors, per operation: the extension's quantize/dequantize are the
-# memory-bound fast path, while the fused dequantize-in-registers matmul lives in Triton (the cuda
-# backend's matmul is dequantize + cuBLAS, the large-batch fallback).
+# Automatic choice on CUDA tensors, per operation: the extension's kernels first. Its matmul is
+# the fused few-token kernel (csrc/matmul.cu) and hands larger batches to Triton's matmul when
+# Triton is installed (see nf4.cuda_backend.matmul), else to dequantize + cuBLAS.
 _AUTO_ORDER_CUDA = {
     "quantize": ("cuda", "triton", "reference"),
     "dequantize": ("cuda", "triton", "reference"),
-    "matmul": ("triton", "cuda", "reference"),
+    "matmul": ("cuda", "triton", "reference"),
 }
 
 _override: Optional[str] = None

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from nf4 import _C, codebook
+from nf4 import _C, backends, codebook
 from nf4.quant_state import num_blocks, packed_nbytes
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -72,7 +72,15 @@ _NESTED = _C.NestedTable(codebook.dynamic_map_thresholds().tolist() + [math.inf]
                          codebook.dynamic_zero_code())
 
 
+# The current stream's raw handle without building a torch.cuda.Stream object (~30 us of host
+# time per call on the H100 machine's CPU, twice a QLoRA step): the private binding Triton's
+# launcher uses too, with the public call where a torch build lacks it.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream(device: torch.device) -> int:
+    if _raw_stream is not None:
+        return _raw_stream(device.index)
     return torch.cuda.current_stream(device).cuda_stream
 
 
@@ -143,10 +151,102 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Option
     return out
 
 
+# Tokens up to which ``matmul`` runs the fused kernel of csrc/matmul.cu (one read of the packed
+# weight, decoded in registers, tensor-core products). Above 32 tokens it reads the weight once
+# per 32 tokens; at 64 it still beat Triton's split-K kernel on the H100 (bench/RESULTS.md).
+FUSED_MAX_TOKENS = 64
+# The kernel's tile choices: tokens per CTA (8, 16, 32), output rows per CTA (16, 32, 64; 64 only
+# with token tiles up to 16) and warps per CTA (they split K; warps * token_tile / 8 <= 64).
+TOKEN_TILES = (8, 16, 32)
+ROW_TILES = (16, 32, 64)
+
+
+def fused_matmul_supported(A: torch.Tensor, blocksize: int, in_features: int) -> bool:
+    """Whether the fused kernel takes this input: fp16/bf16, whole 64-wide groups per row and
+    absmax blocks that hold whole groups (see Note: one scale per group in csrc/matmul.cu)."""
+    return (A.dtype in (torch.float16, torch.bfloat16) and in_features % 64 == 0
+            and blocksize >= 64 and in_features % blocksize == 0)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def matmul_config(tokens: int, out_features: int, in_features: int, sms: int) -> tuple[int, int, int]:
+    """(token_tile, rows_per_cta, warps) for the fused kernel.
+
+    From the H100 sweep (``python -m bench.bench_matmul --sweep --cuda``): 16 rows per CTA was
+    fastest on every Llama shape and token count; warps (which split K) as many as keep about
+    2048 warps in the grid, at least 4, and no more than leave each warp two 64-wide groups."""
+    token_tile = next((t for t in TOKEN_TILES if tokens <= t), TOKEN_TILES[-1])
+    rows = ROW_TILES[0]
+    ctas = -(-out_features // rows) * -(-tokens // token_tile)
+    warps = 16
+    while warps > 4 and ctas * warps > 2048:
+        warps //= 2
+    while warps > 1 and in_features // 64 < 2 * warps:
+        warps //= 2
+    warps = min(warps, 64 // (token_tile // 8))
+    return token_tile, rows, warps
+
+
+def fused_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                 quant_type, out_features, in_features, bias, config=None):
+    """``A @ W.T + bias`` by the fused kernel (callers check ``fused_matmul_supported``).
+    ``config``: (token_tile, rows_per_cta, warps), default ``matmul_config``'s."""
+    lead = A.shape[:-1]
+    x = A.reshape(-1, in_features)
+    tokens = x.shape[0]
+    y = torch.empty(tokens, out_features, dtype=A.dtype, device=A.device)
+    if tokens == 0:
+        return y.reshape(*lead, out_features)
+    x = x.contiguous()
+    if x.data_ptr() % 16:  # a view at an odd offset: the kernel loads 16 bytes at a time
+        x = x.clone()
+    packed = packed.contiguous()
+    if packed.data_ptr() % 8:
+        packed = packed.clone()
+    absmax = absmax.contiguous()
+    nested = nested_absmax is not None
+    if nested:
+        nested_absmax = nested_absmax.contiguous()
+        nested_code = nested_code.contiguous()
+        offset = offset.contiguous()
+    if bias is not None:
+        bias = bias.to(A.dtype).contiguous()
+    device = A.device
+    token_tile, rows, warps = config or matmul_config(tokens, out_features, in_features, _sm_count(device))
+    status = _C.matmul(x.data_ptr(), _DTYPE_CODES[A.dtype], tokens, out_features, in_features,
+                       packed.data_ptr(), blocksize, absmax.data_ptr(), nested,
+                       nested_absmax.data_ptr() if nested else 0, nested_code.data_ptr() if nested else 0,
+                       offset.data_ptr() if nested else 0, nested_blocksize if nested else 0,
+                       bias.data_ptr() if bias is not None else 0, y.data_ptr(), _DECODE[quant_type],
+                       token_tile, rows, warps, device.index, _stream(device))
+    _check(status, "matmul", tokens=tokens, out_features=out_features, in_features=in_features,
+           dtype=A.dtype, blocksize=blocksize, config=(token_tile, rows, warps))
+    return y.reshape(*lead, out_features)
+
+
 def matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
            quant_type, out_features, in_features, bias):
-    """``A @ W.T + bias``: this backend's dequantize, then cuBLAS through F.linear (the
-    large-batch path; the fused small-batch kernel is Triton's)."""
+    """``A @ W.T + bias``: the fused kernel for up to ``FUSED_MAX_TOKENS`` tokens of fp16/bf16
+    (shapes it takes, see ``fused_matmul_supported``). Otherwise the Triton backend's matmul
+    when it is installed and no backend was forced (its tensor-core kernel covers mid-size
+    batches), else this backend's dequantize and cuBLAS through F.linear."""
+    _require_cuda(A, "A")
+    tokens = A.numel() // in_features
+    args = (A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+            quant_type, out_features, in_features, bias)
+    if tokens <= FUSED_MAX_TOKENS and fused_matmul_supported(A, blocksize, in_features):
+        return fused_matmul(*args)
+    if backends.get_backend() is None and backends.supports("triton", A.device):
+        return backends._load("triton").matmul(*args)
     W = dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                    quant_type, (out_features, in_features), A.dtype)
     return F.linear(A, W, bias)

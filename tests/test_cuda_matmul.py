@@ -1,0 +1,154 @@
+"""The fused few-token matmul of the CUDA backend (csrc/matmul.cu through nf4.cuda_backend).
+
+Every tile configuration the launcher accepts, on shapes whose rows, tokens and K split unevenly
+over CTAs and warps, against the fp32 oracle of tests/test_matmul.py (same error bound); plus
+the heuristic's choices and the binding's refusals. GPU only, except the pure-Python heuristic.
+"""
+import itertools
+
+import pytest
+import torch
+
+import nf4
+from nf4 import backends
+from tests.test_matmul import check, fp32_weight
+
+gpu = pytest.mark.gpu
+cuda_backend = pytest.importorskip("nf4.cuda_backend", reason="nf4._C not built")
+
+
+def _weight(out_f, in_f, quant_type="nf4", double_quant=True, blocksize=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(out_f, in_f, generator=g) * torch.rand(out_f, 1, generator=g).add(0.1)).cuda()
+    return nf4.quantize_4bit(W, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type)
+
+
+def _x(tokens, in_f, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, in_f, generator=g).to(dtype).cuda()
+
+
+def _args(packed, state):
+    s2 = state.state2
+    nested = (s2.absmax, s2.code, state.offset) if state.nested else (None, None, None)
+    return (packed.reshape(-1), state.absmax, *nested, state.blocksize, s2.blocksize if s2 else 256,
+            state.quant_type, *state.shape)
+
+
+CONFIGS = [(tt, rows, warps) for tt, rows, warps in itertools.product((8, 16, 32), (16, 32, 64), (1, 3, 4, 16))
+           if not (tt == 32 and rows == 64)]
+
+
+@gpu
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_every_config(config):
+    # 200 rows (no tile divides it), K = 64 * 11 (warps get uneven group ranges; 16 warps > 11
+    # groups leaves some warps without work), tokens not a multiple of any token tile.
+    packed, state = _weight(200, 64 * 11)
+    W32 = fp32_weight(packed, state)
+    bias = _x(1, 200, torch.bfloat16, seed=5).reshape(-1)
+    for tokens in (1, 7, config[0] + 3):
+        x = _x(tokens, 64 * 11, torch.bfloat16)
+        y = cuda_backend.fused_matmul(x, *_args(packed, state), bias, config=config)
+        check(y, x, W32, bias)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "nested"])
+@pytest.mark.parametrize("blocksize", [64, 128, 256, 1024])
+@pytest.mark.parametrize("tokens", [1, 2, 8, 9, 16, 17, 32])
+def test_formats(dtype, quant_type, double_quant, blocksize, tokens):
+    packed, state = _weight(96, 2048, quant_type, double_quant, blocksize)
+    x = _x(tokens, 2048, dtype)
+    y = cuda_backend.fused_matmul(x, *_args(packed, state), None)
+    check(y, x, fp32_weight(packed, state))
+
+
+@gpu
+def test_through_the_api_and_odd_inputs():
+    nf4.set_backend("cuda")
+    try:
+        packed, state = _weight(4096, 1024)
+        W32 = fp32_weight(packed, state)
+        # Leading dims, a column-sliced (non-contiguous) x, and an x at an 8-byte offset.
+        x = _x(6, 1024, torch.bfloat16).reshape(2, 3, 1024)
+        check(nf4.matmul_4bit(x, packed.t(), state), x, W32)
+        wide = _x(4, 2048, torch.bfloat16)
+        check(nf4.matmul_4bit(wide[:, ::2], packed.t(), state), wide[:, ::2], W32)
+        flat = _x(1, 1024 * 3 + 4, torch.bfloat16).reshape(-1)
+        shifted = flat[4:].reshape(3, 1024)
+        assert shifted.data_ptr() % 16 == 8
+        check(nf4.matmul_4bit(shifted, packed.t(), state), shifted, W32)
+        # A float bias for a bf16 input is cast; an empty batch gives an empty result.
+        bias = torch.randn(4096, device="cuda")
+        check(nf4.matmul_4bit(shifted, packed.t(), state, bias=bias), shifted, W32, bias.to(torch.bfloat16))
+        assert nf4.matmul_4bit(shifted[:0], packed.t(), state).shape == (0, 4096)
+    finally:
+        nf4.set_backend(None)
+
+
+@gpu
+def test_same_result_on_a_side_stream():
+    packed, state = _weight(512, 1024)
+    x = _x(3, 1024, torch.float16)
+    expected = cuda_backend.fused_matmul(x, *_args(packed, state), None)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = cuda_backend.fused_matmul(x, *_args(packed, state), None)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@gpu
+def test_binding_refuses_what_the_kernel_cannot_do():
+    packed, state = _weight(64, 128)
+    x = _x(2, 128, torch.bfloat16)
+    for config, what in [((32, 64, 4), "64 rows x 32 tokens"), ((8, 48, 4), "row tile"),
+                         ((12, 16, 4), "token tile"), ((8, 16, 0), "no warps"), ((8, 16, 17), "too many warps")]:
+        with pytest.raises(RuntimeError, match="BAD_SIZE"):
+            cuda_backend.fused_matmul(x, *_args(packed, state), None, config=config)
+    # fp32 input: the kernel is fp16/bf16 only; matmul falls back to dequantize + cuBLAS.
+    x32 = _x(2, 128, torch.float32)
+    assert not cuda_backend.fused_matmul_supported(x32, 64, 128)
+    check(cuda_backend.matmul(x32, *_args(packed, state), None), x32, fp32_weight(packed, state))
+
+
+def test_config_heuristic_stays_within_the_kernel_limits():
+    """Pure Python: every choice is one the launcher accepts, for shapes from 64 to 128K rows."""
+    for tokens in range(1, cuda_backend.FUSED_MAX_TOKENS + 1):
+        for out_f, in_f in [(64, 64), (4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192),
+                            (128256, 4096), (256, 64 * 3)]:
+            for sms in (1, 108, 132):
+                tt, rows, warps = cuda_backend.matmul_config(tokens, out_f, in_f, sms)
+                assert tt in cuda_backend.TOKEN_TILES and (tokens <= tt or tt == cuda_backend.TOKEN_TILES[-1])
+                assert rows in cuda_backend.ROW_TILES and not (tt == 32 and rows == 64)
+                assert 1 <= warps <= 16 and warps * (tt // 8) <= 64
+
+
+def test_fused_path_is_the_cuda_backends_few_token_matmul():
+    assert backends._AUTO_ORDER_CUDA["matmul"][0] == "cuda"
+    x = torch.empty(3, 128, dtype=torch.bfloat16)
+    assert cuda_backend.fused_matmul_supported(x, 64, 128)
+    assert not cuda_backend.fused_matmul_supported(x, 32, 128)    # groups straddle blocks
+    assert not cuda_backend.fused_matmul_supported(x, 64, 96)     # K not whole groups
+    assert not cuda_backend.fused_matmul_supported(x, 256, 384)   # K not whole blocks
+
+
+@gpu
+@pytest.mark.parametrize("tokens", [1, 40, 64, 65, 200])
+def test_automatic_choice_across_the_token_threshold(tokens):
+    """Auto backend: the fused kernel up to FUSED_MAX_TOKENS, Triton's matmul (or dequantize +
+    cuBLAS without Triton) above; with the cuda backend forced, dequantize + cuBLAS above."""
+    packed, state = _weight(384, 1024)
+    W32 = fp32_weight(packed, state)
+    x = _x(tokens, 1024, torch.bfloat16)
+    nf4.set_backend(None)
+    check(nf4.matmul_4bit(x, packed.t(), state), x, W32)
+    nf4.set_backend("cuda")
+    try:
+        check(nf4.matmul_4bit(x, packed.t(), state), x, W32)
+    finally:
+        nf4.set_backend(None)
