@@ -385,25 +385,34 @@ class QuantLinear4bit(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input has shape {list(x.shape)}, expected last dimension "
                              f"{self.in_features} (in_features)")
-        meta = [n for n in ("weight", "bias", "lora_A", "lora_B")
-                if self._parameters.get(n) is not None and self._parameters[n].is_meta]
+        # The parameters straight from _parameters, and tensor calls on them with Params4bit's
+        # __torch_function__ switched off (it only intercepts empty_like): through
+        # Module.__getattr__ and that hook, each touch of the weight is a Python call, ~2 us
+        # apiece on a fast host and a sizeable share of a step's issue time on a slow one.
+        params = self._parameters
+        weight = params["weight"]
+        with torch._C.DisableTorchFunctionSubclass():
+            meta = [n for n in ("weight", "bias", "lora_A", "lora_B")
+                    if params.get(n) is not None and params[n].is_meta]
         if meta:
             # A custom op given a meta tensor runs its fake kernel and returns garbage, silently.
             raise RuntimeError(f"parameters {meta} are still on the meta device: load them "
                                f"(load_state_dict / load_quantized) or materialize them with "
                                f"to_empty() + reset_lora_parameters() before calling the layer")
-        if not self.weight.bnb_quantized:
+        if not weight.bnb_quantized:
             # See Note: when quantization happens.
-            self.weight._quantize(x.device)
+            weight._quantize(x.device)
             if self.bias is not None and self.bias.device != x.device:
                 self.bias = nn.Parameter(self.bias.data.to(x.device), requires_grad=False)
         compute_dtype, out_dtype = resolve_dtypes(x, self.compute_dtype)
         mask = None
         if self.lora_rank and self.training and self.lora_dropout > 0:
             mask = dropout_mask(x, self.lora_dropout)
-        return quant_lora_linear(x, functional._as_uint8(self.weight), self.weight.quant_state,
-                                 self.bias, self.lora_A, self.lora_B, self.scaling, mask,
-                                 self.lora_dropout, compute_dtype, out_dtype)
+        with torch._C.DisableTorchFunctionSubclass():
+            packed = functional._as_uint8(weight)
+        return quant_lora_linear(x, packed, weight.quant_state, self.bias, params.get("lora_A"),
+                                 params.get("lora_B"), self.scaling, mask, self.lora_dropout,
+                                 compute_dtype, out_dtype)
 
     def extra_repr(self) -> str:
         w = self.weight
