@@ -110,22 +110,6 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
   const int warp = tid >> 5;
   const int warps = blockDim.x >> 5;
 
-  // Decode table: thread b < 256 builds entry b and writes its 32 copies (16-byte stores,
-  // rotated so that the 8 stores of a warp's instruction spread over all banks).
-  for (int b = tid; b < 256; b += blockDim.x) {
-    const uint32_t v = Mma<T>::pack(table.levels[b >> 4], table.levels[b & 15]);
-    const uint4 v4 = make_uint4(v, v, v, v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int slot = (i + b) & 7;
-      *reinterpret_cast<uint4*>(&s_lut[b * 32 + slot * 4]) = v4;
-    }
-  }
-  if constexpr (kNested) {
-    for (int i = tid; i < 256; i += blockDim.x) s_code[i] = nested_code[i];
-  }
-  __syncthreads();
-
   const int g = lane >> 2;  // row within an 8-row half of the m16 tile; token within an n8 tile
   const int t = lane & 3;
   const uint32_t lane4 = static_cast<uint32_t>(lane) * 4;
@@ -225,7 +209,23 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
       for (int h = 0; h < 2; ++h) wp[r][h] += U * (kGroup / 2);
     }
   };
-  if (gbeg < gend) load_chunk(gbeg);
+  if (gbeg < gend) load_chunk(gbeg);  // in flight while the table is built
+
+  // Decode table: thread b < 256 builds entry b and writes its 32 copies (16-byte stores,
+  // rotated so that the 8 stores of a warp's instruction spread over all banks).
+  for (int b = tid; b < 256; b += blockDim.x) {
+    const uint32_t v = Mma<T>::pack(table.levels[b >> 4], table.levels[b & 15]);
+    const uint4 v4 = make_uint4(v, v, v, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int slot = (i + b) & 7;
+      *reinterpret_cast<uint4*>(&s_lut[b * 32 + slot * 4]) = v4;
+    }
+  }
+  if constexpr (kNested) {
+    for (int i = tid; i < 256; i += blockDim.x) s_code[i] = nested_code[i];
+  }
+  __syncthreads();
 
   for (int c = gbeg; c < gend; c += U) {
     uint2 w[U][R][2];
