@@ -29,6 +29,10 @@ def bench_ms(fn: Callable[[], object], quantiles=(0.5, 0.2, 0.8), warmup: int = 
 
 
 def commit() -> str:
+    """NF4_COMMIT when set (the GPU machine's copy of the tree may carry stale git metadata),
+    else git's HEAD, with "+dirty" for uncommitted changes to tracked files."""
+    if os.environ.get("NF4_COMMIT"):
+        return os.environ["NF4_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
