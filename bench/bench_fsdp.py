@@ -97,17 +97,21 @@ def throughput_section(one: dict, two: dict) -> str:
     rows = []
     for gpus, r in ((1, one), (2, two)):
         if "error" in r:
-            rows.append([gpus, "unsharded" if gpus == 1 else "FSDP2", r["error"], "", "", "", ""])
+            rows.append([gpus, "unsharded" if gpus == 1 else "FSDP2", r["error"], "", "", "", "", ""])
             continue
         tokens = r["global_batch"] * r["seq_len"]
         rows.append([gpus, "FSDP2" if r["sharded"] else "unsharded", tokens, f"{r['step_s']:.3f}",
                      f"{r['tokens_per_s']:,.0f}", "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}",
+                     "n/a" if r.get("setup_peak_gb") is None else f"{r['setup_peak_gb']:.2f}",
                      " ".join(f"{v:.3f}" for v in r["losses"])])
     parts = ["tokens/s, Llama-3-8B shapes (32 layers, hidden 4096, vocab 128256; random bf16 weights "
              "quantized to NF4 with double quant), 2048-token sequences, 2 per step, activation "
              "checkpointing, bf16 autocast, LoRA r=16 on q,k,v,o,gate,up,down, AdamW; timed after "
-             "2 warm-up steps. Peak: rank 0's max_memory_allocated.",
-             table(["GPUs", "model", "tokens/step", "s/step", "tokens/s", "peak GB", "losses"], rows)]
+             "2 warm-up steps. Training peak: rank 0's max_memory_allocated over the steps; setup "
+             "peak: the same while the random model is built in bf16 and quantized (whole on every "
+             "rank before sharding).",
+             table(["GPUs", "model", "tokens/step", "s/step", "tokens/s", "training peak GB",
+                    "setup peak GB", "losses"], rows)]
     if "error" not in one and "error" not in two:
         speedup = two["tokens_per_s"] / one["tokens_per_s"]
         parts.append(f"2 GPUs / 1 GPU: {speedup:.2f}x tokens/s ({speedup / 2:.0%} scaling efficiency).")

@@ -172,6 +172,12 @@ def train(args: argparse.Namespace) -> dict:
     # foreach on both paths: the same elementwise maths on shards and on whole tensors.
     opt = torch.optim.AdamW(params, lr=args.lr, foreach=True)
     batches = make_batches(args, model.config.vocab_size)
+    if device.type == "cuda":
+        # Training memory apart from building the model (an 8B-shaped random model is made in
+        # bf16 before it is quantized, whole on every rank before sharding).
+        sync(device)
+        setup_peak = torch.cuda.max_memory_allocated(device) / 1e9
+        torch.cuda.reset_peak_memory_stats(device)
     losses: list[float] = []
     timed_tokens = 0
     timer = None
@@ -206,11 +212,13 @@ def train(args: argparse.Namespace) -> dict:
               "global_batch": args.global_batch, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
               "accumulation": accum,
               "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+              "setup_peak_gb": setup_peak if device.type == "cuda" else None,
               "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
               "with_grad": with_grad,
               "optimizer_state": sum(1 for p in params if opt.state.get(p))}
-    log.info("%d rank(s): %.0f tokens/s (%.3f s/step), peak %s GB", world, tokens_per_s, result["step_s"],
-             "n/a" if result["peak_gb"] is None else f"{result['peak_gb']:.2f}")
+    log.info("%d rank(s): %.0f tokens/s (%.3f s/step), training peak %s GB (model setup %s GB)", world,
+             tokens_per_s, result["step_s"], "n/a" if result["peak_gb"] is None else f"{result['peak_gb']:.2f}",
+             "n/a" if result["setup_peak_gb"] is None else f"{result['setup_peak_gb']:.2f}")
     if args.out is not None:
         nf4.distributed.save_pretrained(model, args.out / "model")
         nf4.distributed.save_adapter(model, args.out / "adapter")
