@@ -74,6 +74,23 @@ inline int log2_blocksize(int64_t blocksize) {
   return l;
 }
 
+// The absmax description every 4-bit launcher takes: pointers present, block sizes valid powers
+// of two. Fills log2 of both block sizes (the nested one stays 0 without double quantization).
+inline Status check_absmax(const void* absmax, int64_t blocksize, bool nested, const float* nested_absmax,
+                           const float* nested_code, const float* offset, int64_t nested_blocksize,
+                           int* log2_bs, int* log2_nested_bs) {
+  if (absmax == nullptr) return kNullPointer;
+  if (nested && (nested_absmax == nullptr || nested_code == nullptr || offset == nullptr)) return kNullPointer;
+  *log2_bs = log2_blocksize(blocksize);
+  if (*log2_bs < 0) return kBadBlocksize;
+  *log2_nested_bs = 0;
+  if (nested) {
+    *log2_nested_bs = log2_blocksize(nested_blocksize);
+    if (*log2_nested_bs < 0) return kBadBlocksize;
+  }
+  return kOk;
+}
+
 inline Status check_launch() {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {

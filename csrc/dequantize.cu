@@ -148,16 +148,11 @@ Status launch_dequantize(const uint8_t* packed, int64_t n, int64_t blocksize, co
                          bool nested, const float* nested_absmax, const float* nested_code,
                          const float* offset, int64_t nested_blocksize, void* out, int dtype,
                          const DecodeTable& table, int device, cudaStream_t stream) {
-  if (packed == nullptr || absmax == nullptr || out == nullptr) return kNullPointer;
-  if (nested && (nested_absmax == nullptr || nested_code == nullptr || offset == nullptr)) return kNullPointer;
+  if (packed == nullptr || out == nullptr) return kNullPointer;
+  int log2_bs = 0, log2_nested_bs = 0;
+  if (const Status s = check_absmax(absmax, blocksize, nested, nested_absmax, nested_code, offset,
+                                    nested_blocksize, &log2_bs, &log2_nested_bs); s != kOk) return s;
   if (n <= 0 || n > kMaxElements) return kBadSize;
-  const int log2_bs = log2_blocksize(blocksize);
-  if (log2_bs < 0) return kBadBlocksize;
-  int log2_nested_bs = 0;
-  if (nested) {
-    log2_nested_bs = log2_blocksize(nested_blocksize);
-    if (log2_nested_bs < 0) return kBadBlocksize;
-  }
   if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16) return kBadDtype;
   if (const Status s = use_device(device); s != kOk) return s;
   switch (dtype) {

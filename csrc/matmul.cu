@@ -48,6 +48,7 @@ namespace {
 constexpr int kGroup = 64;        // k per group: four m16n8k16 steps, one absmax
 constexpr int kLut = 256 * 32;    // decode table entries (256 bytes x 32 bank copies)
 constexpr int kMaxThreads = 512;
+constexpr int64_t kMaxGroups = 0x7fffffff;  // N * K / 64 (and so every absmax block index) fits in int
 
 template <typename T>
 struct Mma;
@@ -115,7 +116,7 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
   const uint32_t lane4 = static_cast<uint32_t>(lane) * 4;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * (16 * R);
   const int64_t tok0 = static_cast<int64_t>(blockIdx.y) * (8 * NT);
-  const int groups = static_cast<int>(K / kGroup);  // the launcher bounds N * K / 64 below 2^31
+  const int groups = static_cast<int>(K / kGroup);  // the launcher keeps N * K / 64 < 2^31
   const int gbeg = static_cast<int>(static_cast<int64_t>(groups) * warp / warps);
   const int gend = static_cast<int>(static_cast<int64_t>(groups) * (warp + 1) / warps);
   const int group_shift = log2_bs - 6;  // 2^group_shift groups per absmax block
@@ -412,19 +413,15 @@ Status launch_matmul(const void* x, int dtype, int64_t M, int64_t N, int64_t K,
                      const float* nested_absmax, const float* nested_code, const float* offset,
                      int64_t nested_blocksize, const void* bias, void* y, const DecodeTable& table,
                      int token_tile, int rows_per_cta, int warps, int device, cudaStream_t stream) {
-  if (x == nullptr || packed == nullptr || absmax == nullptr || y == nullptr) return kNullPointer;
-  if (nested && (nested_absmax == nullptr || nested_code == nullptr || offset == nullptr)) return kNullPointer;
+  if (x == nullptr || packed == nullptr || y == nullptr) return kNullPointer;
+  int log2_bs = 0, log2_nested_bs = 0;
+  if (const Status s = check_absmax(absmax, blocksize, nested, nested_absmax, nested_code, offset,
+                                    nested_blocksize, &log2_bs, &log2_nested_bs); s != kOk) return s;
   if (dtype != kFloat16 && dtype != kBFloat16) return kBadDtype;
-  const int log2_bs = log2_blocksize(blocksize);
-  if (log2_bs < 0) return kBadBlocksize;
-  int log2_nested_bs = 0;
-  if (nested) {
-    log2_nested_bs = log2_blocksize(nested_blocksize);
-    if (log2_nested_bs < 0) return kBadBlocksize;
-  }
   // See Note: one scale per group (a group must not straddle two absmax blocks).
   if (M <= 0 || N <= 0 || K <= 0 || K % kGroup != 0 || blocksize < kGroup || K % blocksize != 0) return kBadSize;
-  if (N > kMaxElements / K) return kBadSize;
+  // The kernel indexes groups and absmax blocks in 32 bits.
+  if (N > kMaxGroups / (K / kGroup)) return kBadSize;
   const int64_t grid_x = (N + rows_per_cta - 1) / rows_per_cta;
   const int64_t grid_y = (M + token_tile - 1) / token_tile;
   if (grid_x > 0x7fffffff || grid_y > 65535) return kBadSize;

@@ -94,6 +94,16 @@ def _check(status, op: str, **sizes) -> None:
     raise RuntimeError(f"nf4 CUDA {op} failed: {why} for {detail}")
 
 
+def _state_pointers(absmax, nested_absmax, nested_code, offset) -> tuple[list[torch.Tensor], tuple[int, int, int, int]]:
+    """The state tensors made contiguous (kept alive by the caller) and their data pointers
+    (absmax, nested absmax, nested code, offset; 0 for the nested three without double quant)."""
+    keep = [absmax.contiguous()]
+    if nested_absmax is None:
+        return keep, (keep[0].data_ptr(), 0, 0, 0)
+    keep += [nested_absmax.contiguous(), nested_code.contiguous(), offset.contiguous()]
+    return keep, tuple(t.data_ptr() for t in keep)
+
+
 def _require_cuda(t: torch.Tensor, name: str) -> None:
     if t.device.type != "cuda":
         raise RuntimeError(f"the cuda backend needs CUDA tensors, got {name} on {t.device}")
@@ -134,18 +144,11 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Option
     if out is None:
         out = torch.empty(list(shape), dtype=dtype, device=device)
     packed = packed.contiguous()
-    absmax = absmax.contiguous()
     nested = nested_absmax is not None
-    if nested:
-        nested_absmax = nested_absmax.contiguous()
-        nested_code = nested_code.contiguous()
-        offset = offset.contiguous()
-    status = _C.dequantize(packed.data_ptr(), n, blocksize, absmax.data_ptr(), nested,
-                           nested_absmax.data_ptr() if nested else 0,
-                           nested_code.data_ptr() if nested else 0,
-                           offset.data_ptr() if nested else 0, nested_blocksize if nested else 0,
-                           out.data_ptr(), _DTYPE_CODES[dtype], _DECODE[quant_type], device.index,
-                           _stream(device))
+    keep, (absmax_p, nested_p, code_p, offset_p) = _state_pointers(absmax, nested_absmax, nested_code, offset)
+    status = _C.dequantize(packed.data_ptr(), n, blocksize, absmax_p, nested, nested_p, code_p, offset_p,
+                           nested_blocksize if nested else 0, out.data_ptr(), _DTYPE_CODES[dtype],
+                           _DECODE[quant_type], device.index, _stream(device))
     _check(status, "dequantize", n=n, shape=list(shape), dtype=dtype, blocksize=blocksize,
            quant_type=quant_type, nested=nested)
     return out
@@ -161,11 +164,13 @@ TOKEN_TILES = (8, 16, 32)
 ROW_TILES = (16, 32, 64)
 
 
-def fused_matmul_supported(A: torch.Tensor, blocksize: int, in_features: int) -> bool:
-    """Whether the fused kernel takes this input: fp16/bf16, whole 64-wide groups per row and
-    absmax blocks that hold whole groups (see Note: one scale per group in csrc/matmul.cu)."""
+def fused_matmul_supported(A: torch.Tensor, blocksize: int, out_features: int, in_features: int) -> bool:
+    """Whether the fused kernel takes this input: fp16/bf16, whole 64-wide groups per row, absmax
+    blocks that hold whole groups (see Note: one scale per group in csrc/matmul.cu) and fewer
+    than 2^31 groups in the weight (the kernel's 32-bit block indices)."""
     return (A.dtype in (torch.float16, torch.bfloat16) and in_features % 64 == 0
-            and blocksize >= 64 and in_features % blocksize == 0)
+            and blocksize >= 64 and in_features % blocksize == 0
+            and out_features * (in_features // 64) < 2**31)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -212,20 +217,15 @@ def fused_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksiz
     packed = packed.contiguous()
     if packed.data_ptr() % 8:
         packed = packed.clone()
-    absmax = absmax.contiguous()
     nested = nested_absmax is not None
-    if nested:
-        nested_absmax = nested_absmax.contiguous()
-        nested_code = nested_code.contiguous()
-        offset = offset.contiguous()
+    keep, (absmax_p, nested_p, code_p, offset_p) = _state_pointers(absmax, nested_absmax, nested_code, offset)
     if bias is not None:
         bias = bias.to(A.dtype).contiguous()
     device = A.device
     token_tile, rows, warps = config or matmul_config(tokens, out_features, in_features, _sm_count(device))
     status = _C.matmul(x.data_ptr(), _DTYPE_CODES[A.dtype], tokens, out_features, in_features,
-                       packed.data_ptr(), blocksize, absmax.data_ptr(), nested,
-                       nested_absmax.data_ptr() if nested else 0, nested_code.data_ptr() if nested else 0,
-                       offset.data_ptr() if nested else 0, nested_blocksize if nested else 0,
+                       packed.data_ptr(), blocksize, absmax_p, nested, nested_p, code_p, offset_p,
+                       nested_blocksize if nested else 0,
                        bias.data_ptr() if bias is not None else 0, y.data_ptr(), _DECODE[quant_type],
                        token_tile, rows, warps, device.index, _stream(device))
     _check(status, "matmul", tokens=tokens, out_features=out_features, in_features=in_features,
@@ -243,7 +243,7 @@ def matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nes
     tokens = A.numel() // in_features
     args = (A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
             quant_type, out_features, in_features, bias)
-    if tokens <= FUSED_MAX_TOKENS and fused_matmul_supported(A, blocksize, in_features):
+    if tokens <= FUSED_MAX_TOKENS and fused_matmul_supported(A, blocksize, out_features, in_features):
         return fused_matmul(*args)
     if backends.get_backend() is None and backends.supports("triton", A.device):
         return backends._load("triton").matmul(*args)
