@@ -69,6 +69,16 @@ def bnb_weight(W: torch.Tensor):
     return bnb, q, qs
 
 
+def auto_route() -> str:
+    """What the auto backend runs, by token count (for the table's description)."""
+    try:
+        cb = importlib.import_module("nf4.cuda_backend")
+    except ImportError:
+        return "Triton's matmul (the CUDA extension is not built)"
+    return (f"the CUDA few-token kernel up to {cb.FUSED_MAX_TOKENS} tokens, the CUDA tiled kernel up to "
+            f"{cb.TILED_MAX_TOKENS}, Triton's matmul above")
+
+
 def run_table() -> None:
     rows = []
     worst: dict[int, float] = {}
@@ -100,8 +110,8 @@ def run_table() -> None:
     body = "\n\n".join([
         "## matmul: fused 4-bit matmul vs bf16 F.linear and bitsandbytes",
         stamp(),
-        "bf16 x; weight nf4 + double quant, blocksize 64; `nf4.matmul_4bit` (auto backend: the CUDA "
-        "fused kernel up to 64 tokens, Triton's matmul above) vs `F.linear` bf16 vs `bnb.matmul_4bit`. Median µs of CUDA-graph replays, L2 "
+        "bf16 x; weight nf4 + double quant, blocksize 64; `nf4.matmul_4bit` (auto backend: "
+        f"{auto_route()}) vs `F.linear` bf16 vs `bnb.matmul_4bit`. Median µs of CUDA-graph replays, L2 "
         "flushed, under no_grad; 'nf4 eager' is the plain call (Python dispatch included). "
         "Ratios are time / bf16 time (lower is better); TFLOP/s is nf4's.",
         table(["shape (out x in)", "tokens", "bf16 µs", "nf4 µs", "bnb µs", "nf4 eager µs",
@@ -142,37 +152,48 @@ def sweep_configs(tokens: int):
 
 
 def sweep_cuda_configs(tokens: int):
+    """(kernel name, config) pairs: the few-token kernel's tiles up to 64 tokens, the tiled
+    kernel's from 32 tokens up."""
     cb = importlib.import_module("nf4.cuda_backend")
-    tile = next((t for t in cb.TOKEN_TILES if tokens <= t), cb.TOKEN_TILES[-1])
-    return [(tile, rows, warps) for rows in cb.ROW_TILES for warps in (4, 8, 16)
-            if not (tile == 32 and rows == 64) and warps * tile // 8 <= 64]
+    out = []
+    if tokens <= 64:
+        tile = next((t for t in cb.TOKEN_TILES if tokens <= t), cb.TOKEN_TILES[-1])
+        out += [("few", (tile, rows, warps)) for rows in cb.ROW_TILES for warps in (4, 8, 16)
+                if not (tile == 32 and rows == 64) and warps * tile // 8 <= 64]
+    if tokens >= 32:
+        out += [("tiled", cfg) for cfg in cb.tiled_configs()]
+    return out
 
 
 def run_sweep_cuda(only_tokens) -> None:
-    """Time every tile configuration of the CUDA fused kernel (csrc/matmul.cu)."""
+    """Time every tile configuration of the CUDA fused kernels (csrc/matmul.cu, matmul_tiled.cu)."""
     cb = importlib.import_module("nf4.cuda_backend")
+    kernels = {"few": cb.fused_matmul, "tiled": cb.tiled_matmul}
     lines = []
     for out_f, in_f in BENCH_SHAPES:
         W, packed, state = quantized(out_f, in_f)
         s2 = state.state2
         args = (packed.reshape(-1), state.absmax, s2.absmax, s2.code, state.offset, 64, 256, "nf4",
                 out_f, in_f, None)
-        for tokens in only_tokens or [t for t in BENCH_TOKENS if t <= 64]:
+        for tokens in only_tokens or [t for t in BENCH_TOKENS if t <= 512]:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
             base = timed(lambda: F.linear(x, W))
-            chosen = cb.matmul_config(tokens, out_f, in_f, cb._sm_count(x.device))
+            sms = cb._sm_count(x.device)
+            chosen = (f"few {cb.matmul_config(tokens, out_f, in_f, sms)}" if tokens <= cb.FUSED_MAX_TOKENS
+                      else f"tiled {cb.tiled_config(tokens, out_f, in_f, sms)}")
             results = []
-            for cfg in sweep_cuda_configs(tokens):
-                ms = bench_ms(graphed(lambda: cb.fused_matmul(x, *args, config=cfg)))[0]
-                results.append((ms, cfg))
+            for name, cfg in sweep_cuda_configs(tokens):
+                ms = bench_ms(graphed(lambda: kernels[name](x, *args, config=cfg)))[0]
+                results.append((ms, name, cfg))
             results.sort(key=lambda r: r[0])
             lines.append(f"{out_f}x{in_f} tokens={tokens} bf16={base * 1e3:.1f}us chosen={chosen}")
-            lines += [f"    {ms * 1e3:8.1f}us  {ms / base:5.2f}x  {cfg}" for ms, cfg in results]
+            lines += [f"    {ms * 1e3:8.1f}us  {ms / base:5.2f}x  {name} {cfg}" for ms, name, cfg in results]
             log.info("\n%s", "\n".join(lines[-len(results) - 1:]))
         del W, packed, state
         torch.cuda.empty_cache()
     write_section("matmul_sweep_cuda", "\n".join(["## CUDA fused matmul config sweep (tuning, not a result)",
-                                                    stamp(), "(token_tile, rows_per_cta, warps)", "```",
+                                                    stamp(), "few: (token_tile, rows_per_cta, warps); "
+                                                    "tiled: (row_tiles, token_tiles, k_warps)", "```",
                                                     *lines, "```"]))
 
 

@@ -28,6 +28,11 @@ Status launch_matmul(const void* x, int dtype, int64_t M, int64_t N, int64_t K,
                      const float* nested_absmax, const float* nested_code, const float* offset,
                      int64_t nested_blocksize, const void* bias, void* y, const DecodeTable& table,
                      int token_tile, int rows_per_cta, int warps, int device, cudaStream_t stream);
+Status launch_matmul_tiled(const void* x, int dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
+                           int64_t blocksize, const void* absmax, bool nested, const float* nested_absmax,
+                           const float* nested_code, const float* offset, int64_t nested_blocksize,
+                           const void* bias, void* y, const DecodeTable& table, int row_tiles,
+                           int token_tiles, int k_warps, int device, cudaStream_t stream);
 
 cudaError_t& last_cuda_error() {
   thread_local cudaError_t err = cudaSuccess;
@@ -182,6 +187,27 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("nested_absmax"), pybind11::arg("nested_code"), pybind11::arg("offset"),
         pybind11::arg("nested_blocksize"), pybind11::arg("bias"), pybind11::arg("y"), pybind11::arg("table"),
         pybind11::arg("token_tile"), pybind11::arg("rows_per_cta"), pybind11::arg("warps"), pybind11::arg("device"),
+        pybind11::arg("stream"));
+
+  m.def("matmul_tiled",
+        [](std::uintptr_t x, int dtype, int64_t m, int64_t n, int64_t k, std::uintptr_t packed, int64_t blocksize,
+           std::uintptr_t absmax, bool nested, std::uintptr_t nested_absmax, std::uintptr_t nested_code,
+           std::uintptr_t offset, int64_t nested_blocksize, std::uintptr_t bias, std::uintptr_t y,
+           const DecodeTable& table, int row_tiles, int token_tiles, int k_warps, int device, std::uintptr_t stream) {
+          return launch_matmul_tiled(ptr<const void>(x), dtype, m, n, k, ptr<const uint8_t>(packed), blocksize,
+                                     ptr<const void>(absmax), nested, ptr<const float>(nested_absmax),
+                                     ptr<const float>(nested_code), ptr<const float>(offset), nested_blocksize,
+                                     ptr<const void>(bias), ptr<void>(y), table, row_tiles, token_tiles, k_warps,
+                                     device, stream_of(stream));
+        },
+        "Fused 4-bit matmul for tens to hundreds of tokens (x shared through shared memory): same "
+        "arguments as matmul, tiles as (row_tiles, token_tiles) per warp in {(2, 8), (4, 8), (2, 16)} and "
+        "k_warps in {1, 2, 4} (not 4 with token_tiles 16).",
+        pybind11::arg("x"), pybind11::arg("dtype"), pybind11::arg("m"), pybind11::arg("n"), pybind11::arg("k"),
+        pybind11::arg("packed"), pybind11::arg("blocksize"), pybind11::arg("absmax"), pybind11::arg("nested"),
+        pybind11::arg("nested_absmax"), pybind11::arg("nested_code"), pybind11::arg("offset"),
+        pybind11::arg("nested_blocksize"), pybind11::arg("bias"), pybind11::arg("y"), pybind11::arg("table"),
+        pybind11::arg("row_tiles"), pybind11::arg("token_tiles"), pybind11::arg("k_warps"), pybind11::arg("device"),
         pybind11::arg("stream"));
 
   m.def("last_cuda_error", []() { return std::string(cudaGetErrorString(last_cuda_error())); },

@@ -154,10 +154,13 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Option
     return out
 
 
-# Tokens up to which ``matmul`` runs the fused kernel of csrc/matmul.cu (one read of the packed
-# weight, decoded in registers, tensor-core products). Above 32 tokens it reads the weight once
-# per 32 tokens; at 64 it still beat Triton's split-K kernel on the H100 (bench/RESULTS.md).
-FUSED_MAX_TOKENS = 64
+# Tokens up to which ``matmul`` runs the few-token kernel of csrc/matmul.cu (one read of the
+# packed weight, decoded in registers, tensor-core products; it reads the weight once per 32
+# tokens), then up to TILED_MAX_TOKENS the tiled kernel of csrc/matmul_tiled.cu (x shared through
+# shared memory); above, dequantization and cuBLAS. Both thresholds from the H100 sweep
+# (``python -m bench.bench_matmul --sweep --cuda``, bench/RESULTS.md).
+FUSED_MAX_TOKENS = 32
+TILED_MAX_TOKENS = 512
 # The kernel's tile choices: tokens per CTA (8, 16, 32), output rows per CTA (16, 32, 64; 64 only
 # with token tiles up to 16) and warps per CTA (they split K; warps * token_tile / 8 <= 64).
 TOKEN_TILES = (8, 16, 32)
@@ -201,10 +204,36 @@ def matmul_config(tokens: int, out_features: int, in_features: int, sms: int) ->
     return token_tile, rows, warps
 
 
-def fused_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                 quant_type, out_features, in_features, bias, config=None):
-    """``A @ W.T + bias`` by the fused kernel (callers check ``fused_matmul_supported``).
-    ``config``: (token_tile, rows_per_cta, warps), default ``matmul_config``'s."""
+# The tiled kernel of csrc/matmul_tiled.cu for mid-size batches: x staged in shared memory and
+# shared by all warps of a CTA. Its tiles: (row_tiles, token_tiles) m16 / n8 tiles per warp, and
+# warps along K (8 warps per CTA); (2, 16) is not built with 4 warps along K (shared memory).
+TILED_TILES = ((2, 8), (4, 8), (2, 16))
+TILED_K_WARPS = (1, 2, 4)
+
+
+def tiled_configs() -> list[tuple[int, int, int]]:
+    """Every (row_tiles, token_tiles, k_warps) the tiled kernel is built for."""
+    return [(r, nt, wk) for r, nt in TILED_TILES for wk in TILED_K_WARPS if not (nt == 16 and wk == 4)]
+
+
+def tiled_config(tokens: int, out_features: int, in_features: int, sms: int) -> tuple[int, int, int]:
+    """(row_tiles, token_tiles, k_warps) for the tiled kernel: 128 tokens per CTA above 64 tokens
+    (each decoded weight serves more of them), else 64; then the fewest warps along K that still
+    give every SM a CTA (CTAs hold 8 / k_warps * 16 * row_tiles rows)."""
+    r, nt = (2, 16) if tokens > 64 else (2, 8)
+    token_ctas = -(-tokens // (8 * nt))
+    choices = [wk for wk in TILED_K_WARPS if (r, nt, wk) in tiled_configs()]
+    for wk in choices:
+        rows = 8 // wk * 16 * r
+        if token_ctas * -(-out_features // rows) >= sms:
+            return r, nt, wk
+    return r, nt, choices[-1]
+
+
+def _launch_fused(kernel, A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                  quant_type, out_features, in_features, bias, config):
+    """Shared by both fused kernels: flatten x, align inputs, allocate y, launch ``kernel`` (a
+    binding with matmul's arguments, ``config`` last but the device and stream)."""
     lead = A.shape[:-1]
     x = A.reshape(-1, in_features)
     tokens = x.shape[0]
@@ -212,7 +241,7 @@ def fused_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksiz
     if tokens == 0:
         return y.reshape(*lead, out_features)
     x = x.contiguous()
-    if x.data_ptr() % 16:  # a view at an odd offset: the kernel loads 16 bytes at a time
+    if x.data_ptr() % 16:  # a view at an odd offset: the kernels load 16 bytes at a time
         x = x.clone()
     packed = packed.contiguous()
     if packed.data_ptr() % 8:
@@ -222,29 +251,48 @@ def fused_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksiz
     if bias is not None:
         bias = bias.to(A.dtype).contiguous()
     device = A.device
-    token_tile, rows, warps = config or matmul_config(tokens, out_features, in_features, _sm_count(device))
-    status = _C.matmul(x.data_ptr(), _DTYPE_CODES[A.dtype], tokens, out_features, in_features,
-                       packed.data_ptr(), blocksize, absmax_p, nested, nested_p, code_p, offset_p,
-                       nested_blocksize if nested else 0,
-                       bias.data_ptr() if bias is not None else 0, y.data_ptr(), _DECODE[quant_type],
-                       token_tile, rows, warps, device.index, _stream(device))
+    status = kernel(x.data_ptr(), _DTYPE_CODES[A.dtype], tokens, out_features, in_features,
+                    packed.data_ptr(), blocksize, absmax_p, nested, nested_p, code_p, offset_p,
+                    nested_blocksize if nested else 0,
+                    bias.data_ptr() if bias is not None else 0, y.data_ptr(), _DECODE[quant_type],
+                    *config, device.index, _stream(device))
     _check(status, "matmul", tokens=tokens, out_features=out_features, in_features=in_features,
-           dtype=A.dtype, blocksize=blocksize, config=(token_tile, rows, warps))
+           dtype=A.dtype, blocksize=blocksize, config=config)
     return y.reshape(*lead, out_features)
+
+
+def fused_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                 quant_type, out_features, in_features, bias, config=None):
+    """``A @ W.T + bias`` by the few-token kernel (callers check ``fused_matmul_supported``).
+    ``config``: (token_tile, rows_per_cta, warps), default ``matmul_config``'s."""
+    tokens = A.numel() // in_features
+    config = config or matmul_config(tokens, out_features, in_features, _sm_count(A.device))
+    return _launch_fused(_C.matmul, A, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                         nested_blocksize, quant_type, out_features, in_features, bias, config)
+
+
+def tiled_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                 quant_type, out_features, in_features, bias, config=None):
+    """``A @ W.T + bias`` by the tiled kernel (same inputs as ``fused_matmul``). ``config``:
+    (row_tiles, token_tiles, k_warps), default ``tiled_config``'s."""
+    tokens = A.numel() // in_features
+    config = config or tiled_config(tokens, out_features, in_features, _sm_count(A.device))
+    return _launch_fused(_C.matmul_tiled, A, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                         nested_blocksize, quant_type, out_features, in_features, bias, config)
 
 
 def matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
            quant_type, out_features, in_features, bias):
-    """``A @ W.T + bias``: the fused kernel for up to ``FUSED_MAX_TOKENS`` tokens of fp16/bf16
-    (shapes it takes, see ``fused_matmul_supported``). Otherwise the Triton backend's matmul
-    when it is installed and no backend was forced (its tensor-core kernel covers mid-size
-    batches), else this backend's dequantize and cuBLAS through F.linear."""
+    """``A @ W.T + bias``: for fp16/bf16 shapes the fused kernels take (``fused_matmul_supported``)
+    the few-token kernel up to ``FUSED_MAX_TOKENS`` tokens, the tiled kernel up to
+    ``TILED_MAX_TOKENS``. Otherwise the Triton backend's matmul when it is installed and no
+    backend was forced, else this backend's dequantize and cuBLAS through F.linear."""
     _require_cuda(A, "A")
     tokens = A.numel() // in_features
     args = (A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
             quant_type, out_features, in_features, bias)
-    if tokens <= FUSED_MAX_TOKENS and fused_matmul_supported(A, blocksize, out_features, in_features):
-        return fused_matmul(*args)
+    if tokens <= TILED_MAX_TOKENS and fused_matmul_supported(A, blocksize, out_features, in_features):
+        return fused_matmul(*args) if tokens <= FUSED_MAX_TOKENS else tiled_matmul(*args)
     if backends.get_backend() is None and backends.supports("triton", A.device):
         return backends._load("triton").matmul(*args)
     W = dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,

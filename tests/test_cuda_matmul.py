@@ -139,10 +139,11 @@ def test_fused_path_is_the_cuda_backends_few_token_matmul():
 
 
 @gpu
-@pytest.mark.parametrize("tokens", [1, 40, 64, 65, 200])
+@pytest.mark.parametrize("tokens", [1, 32, 33, 64, 65, 200, 512, 513])
 def test_automatic_choice_across_the_token_threshold(tokens):
-    """Auto backend: the fused kernel up to FUSED_MAX_TOKENS, Triton's matmul (or dequantize +
-    cuBLAS without Triton) above; with the cuda backend forced, dequantize + cuBLAS above."""
+    """Auto backend: the few-token kernel up to FUSED_MAX_TOKENS, the tiled kernel up to
+    TILED_MAX_TOKENS, Triton's matmul (or dequantize + cuBLAS without Triton) above; with the
+    cuda backend forced, dequantize + cuBLAS above."""
     packed, state = _weight(384, 1024)
     W32 = fp32_weight(packed, state)
     x = _x(tokens, 1024, torch.bfloat16)
@@ -153,3 +154,84 @@ def test_automatic_choice_across_the_token_threshold(tokens):
         check(nf4.matmul_4bit(x, packed.t(), state), x, W32)
     finally:
         nf4.set_backend(None)
+
+
+# --- the tiled kernel (csrc/matmul_tiled.cu) ---
+
+def _exact_check(y, x, packed, state, bias=None):
+    """See Note: exact dequantization in csrc/matmul_tiled.cu: y differs from x @ W.T, with W the
+    reference's dequantization in x's dtype, only by fp32 summation order and the output's
+    rounding."""
+    from nf4 import codebook, reference_backend
+    s2 = state.state2
+    nested = (s2.absmax, s2.code, state.offset) if state.nested else (None, None, None)
+    W = reference_backend.dequantize(packed.reshape(-1), state.absmax, *nested, state.blocksize,
+                                     codebook.NESTED_BLOCKSIZE, state.quant_type, list(state.shape), x.dtype)
+    x32, W32 = x.float(), W.float()
+    b32 = bias.float() if bias is not None else torch.zeros(W.shape[0], device=x.device)
+    ref = x32 @ W32.T + b32
+    u = 2.0**-8 if x.dtype == torch.bfloat16 else 2.0**-11
+    bound = x.shape[-1] * 2.0**-24 * (x32.abs() @ W32.abs().T + b32.abs()) + u * ref.abs() + 1e-30
+    worst = ((y.float() - ref).abs() / bound).max().item()
+    assert worst <= 1.0, f"error exceeds the summation-order bound by {worst:.3g}x"
+
+
+@gpu
+@pytest.mark.parametrize("config", cuda_backend.tiled_configs(), ids=str)
+def test_every_tiled_config(config):
+    # 200 rows (no CTA row count divides it), K = 64 * 11 (the last stage is partial for 2 and 4
+    # warps along K), tokens below, at and past one CTA's token tile.
+    packed, state = _weight(200, 64 * 11)
+    W32 = fp32_weight(packed, state)
+    bias = _x(1, 200, torch.bfloat16, seed=5).reshape(-1)
+    for tokens in (1, 33, 8 * config[1], 8 * config[1] + 5):
+        x = _x(tokens, 64 * 11, torch.bfloat16)
+        y = cuda_backend.tiled_matmul(x, *_args(packed, state), bias, config=config)
+        check(y, x, W32, bias)
+        _exact_check(y, x, packed, state, bias)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "nested"])
+@pytest.mark.parametrize("blocksize", [64, 256, 1024])
+@pytest.mark.parametrize("tokens", [33, 128, 300])
+def test_tiled_formats(dtype, quant_type, double_quant, blocksize, tokens):
+    packed, state = _weight(96, 2048, quant_type, double_quant, blocksize)
+    x = _x(tokens, 2048, dtype)
+    y = cuda_backend.tiled_matmul(x, *_args(packed, state), None)
+    check(y, x, fp32_weight(packed, state))
+    _exact_check(y, x, packed, state)
+
+
+@gpu
+def test_tiled_on_a_side_stream_and_large_shapes():
+    packed, state = _weight(4096, 4096)
+    x = _x(128, 4096, torch.bfloat16)
+    expected = cuda_backend.tiled_matmul(x, *_args(packed, state), None)
+    _exact_check(expected, x, packed, state)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = cuda_backend.tiled_matmul(x, *_args(packed, state), None)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@gpu
+def test_tiled_binding_refuses_unbuilt_tiles():
+    packed, state = _weight(64, 128)
+    x = _x(40, 128, torch.bfloat16)
+    for config in [(2, 16, 4), (3, 8, 1), (2, 4, 1), (2, 8, 3), (2, 8, 8), (2, 8, 0)]:
+        with pytest.raises(RuntimeError, match="BAD_SIZE"):
+            cuda_backend.tiled_matmul(x, *_args(packed, state), None, config=config)
+
+
+def test_tiled_heuristic_picks_built_tiles():
+    built = set(cuda_backend.tiled_configs())
+    assert (2, 16, 4) not in built and len(built) == 8
+    for tokens in range(cuda_backend.FUSED_MAX_TOKENS + 1, cuda_backend.TILED_MAX_TOKENS + 1, 7):
+        for out_f, in_f in [(64, 64), (4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (128256, 4096)]:
+            for sms in (1, 108, 132):
+                assert cuda_backend.tiled_config(tokens, out_f, in_f, sms) in built
