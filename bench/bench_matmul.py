@@ -75,7 +75,8 @@ def auto_route() -> str:
         cb = importlib.import_module("nf4.cuda_backend")
     except ImportError:
         return "Triton's matmul (the CUDA extension is not built)"
-    return (f"the CUDA few-token kernel up to {cb.FUSED_MAX_TOKENS} tokens, the CUDA tiled kernel up to "
+    mid = "wgmma" if torch.cuda.is_available() and cb.wgmma_available(torch.device("cuda")) else "tiled mma.sync"
+    return (f"the CUDA few-token kernel up to {cb.FUSED_MAX_TOKENS} tokens, the CUDA {mid} kernel up to "
             f"{cb.TILED_MAX_TOKENS}, Triton's matmul above")
 
 
@@ -162,13 +163,15 @@ def sweep_cuda_configs(tokens: int):
                 if not (tile == 32 and rows == 64) and warps * tile // 8 <= 64]
     if tokens >= 32:
         out += [("tiled", cfg) for cfg in cb.tiled_configs()]
+        if cb.wgmma_available(torch.device("cuda")):
+            out += [("wgmma", cfg) for cfg in cb.WGMMA_CONFIGS]
     return out
 
 
 def run_sweep_cuda(only_tokens) -> None:
     """Time every tile configuration of the CUDA fused kernels (csrc/matmul.cu, matmul_tiled.cu)."""
     cb = importlib.import_module("nf4.cuda_backend")
-    kernels = {"few": cb.fused_matmul, "tiled": cb.tiled_matmul}
+    kernels = {"few": cb.fused_matmul, "tiled": cb.tiled_matmul, "wgmma": cb.wgmma_matmul}
     lines = []
     for out_f, in_f in BENCH_SHAPES:
         W, packed, state = quantized(out_f, in_f)
@@ -179,8 +182,12 @@ def run_sweep_cuda(only_tokens) -> None:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
             base = timed(lambda: F.linear(x, W))
             sms = cb._sm_count(x.device)
-            chosen = (f"few {cb.matmul_config(tokens, out_f, in_f, sms)}" if tokens <= cb.FUSED_MAX_TOKENS
-                      else f"tiled {cb.tiled_config(tokens, out_f, in_f, sms)}")
+            if tokens <= cb.FUSED_MAX_TOKENS:
+                chosen = f"few {cb.matmul_config(tokens, out_f, in_f, sms)}"
+            elif cb.wgmma_available(x.device):
+                chosen = f"wgmma {cb.wgmma_config(tokens, out_f, in_f, sms)}"
+            else:
+                chosen = f"tiled {cb.tiled_config(tokens, out_f, in_f, sms)}"
             results = []
             for name, cfg in sweep_cuda_configs(tokens):
                 ms = bench_ms(graphed(lambda: kernels[name](x, *args, config=cfg)))[0]
@@ -193,7 +200,7 @@ def run_sweep_cuda(only_tokens) -> None:
         torch.cuda.empty_cache()
     write_section("matmul_sweep_cuda", "\n".join(["## CUDA fused matmul config sweep (tuning, not a result)",
                                                     stamp(), "few: (token_tile, rows_per_cta, warps); "
-                                                    "tiled: (row_tiles, token_tiles, k_warps)", "```",
+                                                    "tiled: (row_tiles, token_tiles, k_warps); wgmma: (token_chunks, k_groups)", "```",
                                                     *lines, "```"]))
 
 

@@ -19,6 +19,7 @@ enum Status : int {
   kBadTable = 7,
   kMisaligned = 8,
   kBadDevice = 9,
+  kUnsupportedDevice = 10,  // a kernel this GPU (or this build's targets) cannot run
 };
 
 enum Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };

@@ -156,8 +156,9 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Option
 
 # Tokens up to which ``matmul`` runs the few-token kernel of csrc/matmul.cu (one read of the
 # packed weight, decoded in registers, tensor-core products; it reads the weight once per 32
-# tokens), then up to TILED_MAX_TOKENS the tiled kernel of csrc/matmul_tiled.cu (x shared through
-# shared memory); above, dequantization and cuBLAS. Both thresholds from the H100 sweep
+# tokens), then up to TILED_MAX_TOKENS the wgmma kernel of csrc/matmul_wgmma.cu on Hopper or the
+# tiled mma.sync kernel of csrc/matmul_tiled.cu elsewhere (x shared through shared memory);
+# above, dequantization and cuBLAS. Both thresholds from the H100 sweep
 # (``python -m bench.bench_matmul --sweep --cuda``, bench/RESULTS.md).
 FUSED_MAX_TOKENS = 32
 TILED_MAX_TOKENS = 512
@@ -230,6 +231,28 @@ def tiled_config(tokens: int, out_features: int, in_features: int, sms: int) -> 
     return r, nt, choices[-1]
 
 
+# The Hopper kernel of csrc/matmul_wgmma.cu (wgmma, sm_90a builds on compute capability 9.0):
+# (token_chunks of 64 tokens per CTA, warpgroups along K).
+WGMMA_CONFIGS = ((1, 1), (1, 2), (2, 1), (2, 2))
+_WGMMA: dict[int, bool] = {}
+
+
+def wgmma_available(device: torch.device) -> bool:
+    """Whether ``wgmma_matmul`` runs on ``device`` (cached)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _WGMMA:
+        _WGMMA[index] = bool(_C.wgmma_available(index))
+    return _WGMMA[index]
+
+
+def wgmma_config(tokens: int, out_features: int, in_features: int, sms: int) -> tuple[int, int]:
+    """(token_chunks, k_groups): 128 tokens per CTA above 64 tokens; warpgroups along K when rows
+    alone would leave SMs without a CTA (a CTA holds 128 rows, or 64 with k_groups 2)."""
+    chunks = 2 if tokens > 64 else 1
+    ctas = -(-tokens // (64 * chunks)) * -(-out_features // 128)
+    return chunks, (2 if ctas < sms else 1)
+
+
 def _launch_fused(kernel, A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                   quant_type, out_features, in_features, bias, config):
     """Shared by both fused kernels: flatten x, align inputs, allocate y, launch ``kernel`` (a
@@ -281,18 +304,30 @@ def tiled_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksiz
                          nested_blocksize, quant_type, out_features, in_features, bias, config)
 
 
+def wgmma_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                 quant_type, out_features, in_features, bias, config=None):
+    """``A @ W.T + bias`` by the Hopper kernel (callers check ``fused_matmul_supported`` and
+    ``wgmma_available``). ``config``: (token_chunks, k_groups), default ``wgmma_config``'s."""
+    tokens = A.numel() // in_features
+    config = config or wgmma_config(tokens, out_features, in_features, _sm_count(A.device))
+    return _launch_fused(_C.matmul_wgmma, A, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                         nested_blocksize, quant_type, out_features, in_features, bias, config)
+
+
 def matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
            quant_type, out_features, in_features, bias):
     """``A @ W.T + bias``: for fp16/bf16 shapes the fused kernels take (``fused_matmul_supported``)
-    the few-token kernel up to ``FUSED_MAX_TOKENS`` tokens, the tiled kernel up to
-    ``TILED_MAX_TOKENS``. Otherwise the Triton backend's matmul when it is installed and no
+    the few-token kernel up to ``FUSED_MAX_TOKENS`` tokens, then up to ``TILED_MAX_TOKENS`` the
+    wgmma kernel on Hopper (``wgmma_available``), else the tiled mma.sync kernel. Otherwise the Triton backend's matmul when it is installed and no
     backend was forced, else this backend's dequantize and cuBLAS through F.linear."""
     _require_cuda(A, "A")
     tokens = A.numel() // in_features
     args = (A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
             quant_type, out_features, in_features, bias)
     if tokens <= TILED_MAX_TOKENS and fused_matmul_supported(A, blocksize, out_features, in_features):
-        return fused_matmul(*args) if tokens <= FUSED_MAX_TOKENS else tiled_matmul(*args)
+        if tokens <= FUSED_MAX_TOKENS:
+            return fused_matmul(*args)
+        return wgmma_matmul(*args) if wgmma_available(A.device) else tiled_matmul(*args)
     if backends.get_backend() is None and backends.supports("triton", A.device):
         return backends._load("triton").matmul(*args)
     W = dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,

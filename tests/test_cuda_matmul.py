@@ -235,3 +235,76 @@ def test_tiled_heuristic_picks_built_tiles():
         for out_f, in_f in [(64, 64), (4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (128256, 4096)]:
             for sms in (1, 108, 132):
                 assert cuda_backend.tiled_config(tokens, out_f, in_f, sms) in built
+
+
+# --- the Hopper kernel (csrc/matmul_wgmma.cu) ---
+
+def _need_wgmma():
+    if not cuda_backend.wgmma_available(torch.device("cuda")):
+        pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU and an sm_90a build")
+
+
+@gpu
+@pytest.mark.parametrize("config", cuda_backend.WGMMA_CONFIGS, ids=str)
+def test_every_wgmma_config(config):
+    _need_wgmma()
+    # 200 rows (no CTA row count divides it), K = 64 * 11 (odd: the second warpgroup along K
+    # gets one group less), tokens below, at and past one CTA's tokens.
+    packed, state = _weight(200, 64 * 11)
+    W32 = fp32_weight(packed, state)
+    bias = _x(1, 200, torch.bfloat16, seed=5).reshape(-1)
+    for tokens in (1, 33, 64 * config[0], 64 * config[0] + 5):
+        x = _x(tokens, 64 * 11, torch.bfloat16)
+        y = cuda_backend.wgmma_matmul(x, *_args(packed, state), bias, config=config)
+        check(y, x, W32, bias)
+        _exact_check(y, x, packed, state, bias)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "nested"])
+@pytest.mark.parametrize("blocksize", [64, 256, 1024])
+@pytest.mark.parametrize("tokens", [33, 128, 300])
+def test_wgmma_formats(dtype, quant_type, double_quant, blocksize, tokens):
+    _need_wgmma()
+    packed, state = _weight(96, 2048, quant_type, double_quant, blocksize)
+    x = _x(tokens, 2048, dtype)
+    y = cuda_backend.wgmma_matmul(x, *_args(packed, state), None)
+    check(y, x, fp32_weight(packed, state))
+    _exact_check(y, x, packed, state)
+
+
+@gpu
+def test_wgmma_large_shape_and_side_stream():
+    _need_wgmma()
+    packed, state = _weight(4096, 4096)
+    x = _x(128, 4096, torch.bfloat16)
+    expected = cuda_backend.wgmma_matmul(x, *_args(packed, state), None)
+    _exact_check(expected, x, packed, state)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = cuda_backend.wgmma_matmul(x, *_args(packed, state), None)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@gpu
+def test_wgmma_refusals():
+    packed, state = _weight(64, 128)
+    x = _x(40, 128, torch.bfloat16)
+    if not cuda_backend.wgmma_available(torch.device("cuda")):
+        with pytest.raises(RuntimeError, match="UNSUPPORTED_DEVICE"):
+            cuda_backend.wgmma_matmul(x, *_args(packed, state), None, config=(1, 1))
+        return
+    for config in [(3, 1), (1, 3), (0, 1), (4, 2)]:
+        with pytest.raises(RuntimeError, match="BAD_SIZE"):
+            cuda_backend.wgmma_matmul(x, *_args(packed, state), None, config=config)
+
+
+def test_wgmma_heuristic_picks_built_configs():
+    for tokens in range(cuda_backend.FUSED_MAX_TOKENS + 1, cuda_backend.TILED_MAX_TOKENS + 1, 7):
+        for out_f, in_f in [(64, 64), (4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]:
+            for sms in (1, 132):
+                assert cuda_backend.wgmma_config(tokens, out_f, in_f, sms) in cuda_backend.WGMMA_CONFIGS

@@ -1,0 +1,445 @@
+// Fused 4-bit matmul for mid-size batches on Hopper (sm_90a): y[M, N] = x[M, K] @ dequant(W)[N, K]^T
+// (+ bias), W in bitsandbytes' packed layout, x fp16/bf16. Warpgroup MMA (wgmma) with the decoded
+// weight as the register operand A and x as the shared-memory operand B: the tensor cores read x
+// straight from shared memory, and the threads only decode weights. matmul_tiled.cu is the same
+// product with mma.sync for other GPUs (and the fallback when this kernel is not built).
+//
+// Note: the CTA.
+//     Two warpgroups (256 threads). Each owns 64 output rows (warp w of the group: rows 16w to
+//     16w + 15, the m16 layout of mma.sync) and all 64 * NB tokens of the CTA: NB wgmma
+//     m64n64k16 per 16 k, accumulators 32 * NB fp32 per thread. WK = 1: the warpgroups take 64
+//     rows each (128 per CTA); WK = 2: the same 64 rows, alternate 64-wide groups of K, summed
+//     through shared memory at the end. A stage is WK groups of x; two stages alternate.
+//
+// Note: x in shared memory, permuted.
+//     wgmma reads B (K-major, no swizzle) as core matrices of 8 tokens x 8 k (16-byte rows,
+//     128 bytes each); a k16 step takes two of them along k (LBO apart) per 8 tokens (SBO apart).
+//     The decoded weight keeps matmul.cu's k permutation (lane t of a quad holds k 16t + 4j +
+//     {0, 1} in fragment slots 2t, 2t+1 and 16t + 4j + {2, 3} in slots 2t + 8, 2t + 9 of step j,
+//     so that a lane's 8 packed bytes cover its 16 k), so x must be staged in the same order:
+//     slot pair t of core matrix (step j, half h) holds x's 4-byte unit 8t + 2j + h. Each thread
+//     loads 16 bytes of x (units 4q .. 4q + 3) and stores its four words where they belong; the
+//     32 lanes of a store fill one 128-byte core matrix (no bank conflicts).
+//
+// Note: synchronization.
+//     Ordinary stores that the tensor cores read next need fence.proxy.async in each storing
+//     thread before the barrier. A warpgroup decodes a group's four A fragments, fences, issues
+//     4 * NB wgmma, commits and waits for them before its registers or the stage are reused; the
+//     two warpgroups (and a second CTA per SM) overlap each other's decoding and products.
+//
+// Dequantization is exact as in matmul_tiled.cu (fp32 level * absmax rounded once to T).
+#include <atomic>
+
+#include "common.cuh"
+#include "mma.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define NF4_HAS_WGMMA 1
+#else
+#define NF4_HAS_WGMMA 0
+#endif
+
+namespace nf4 {
+namespace {
+
+constexpr int kGroup = 64;
+constexpr int kThreads = 256;
+constexpr int kLutCopies = 16;
+constexpr int kLutBytes = 256 * kLutCopies * 8;
+constexpr int kCodeBytes = 256 * 4;
+constexpr int64_t kMaxGroups = 0x7fffffff;
+// Core-matrix strides of the staged x (Note: x in shared memory, permuted).
+constexpr uint32_t kLbo = 128;  // between the two k halves of a k16 step
+constexpr uint32_t kSbo = 256;  // between consecutive 8-token core matrices
+
+template <int NB, int WK>
+struct WgTile {
+  static constexpr int kTokens = 64 * NB;
+  static constexpr int kNG = kTokens / 8;                 // 8-token core-matrix rows
+  static constexpr int kRows = 64 * (2 / WK);             // output rows per CTA
+  static constexpr int kGroupBytes = kTokens * kGroup * 2;
+  static constexpr int kStageBytes = WK * kGroupBytes;
+  static constexpr int kSmem = kLutBytes + kCodeBytes + 2 * kStageBytes;
+  static constexpr int kLoads = kTokens * 8 * WK / kThreads;  // 16-byte x chunks per thread per stage
+  static_assert(kLoads * kThreads == kTokens * 8 * WK, "x chunks must split evenly over threads");
+  static_assert(WK == 1 || NB * 32 * 4 * 128 <= kSmem, "reduction must fit in shared memory");
+};
+
+__device__ __forceinline__ uint64_t smem_desc(const void* p) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  return static_cast<uint64_t>((a >> 4) & 0x3FFF) | (static_cast<uint64_t>(kLbo >> 4) << 16) |
+         (static_cast<uint64_t>(kSbo >> 4) << 32);
+}
+
+#if NF4_HAS_WGMMA
+#define NF4_ACC32                                                                                      \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),      \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),         \
+      "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),       \
+      "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),       \
+      "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define NF4_WGMMA_N64(TYPE)                                                                            \
+  asm volatile(                                                                                        \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                     \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                                  \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,"   \
+      "%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"                         \
+      : NF4_ACC32                                                                                      \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+
+__device__ __forceinline__ void wgmma_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t desc, __nv_bfloat16) {
+  NF4_WGMMA_N64("bf16");
+}
+__device__ __forceinline__ void wgmma_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t desc, __half) {
+  NF4_WGMMA_N64("f16");
+}
+#undef NF4_WGMMA_N64
+#undef NF4_ACC32
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Pins a register's value at this point (no read or copy of it moves across).
+__device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void pin(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+#endif
+
+// Byte I of `word` decoded through the fp32 table (row = byte * 128, column (lane % 16) * 8),
+// each level times the block scale, rounded once to T.
+template <typename T, int I>
+__device__ __forceinline__ uint32_t scaled_byte(const unsigned char* s_lut, uint32_t word, uint32_t col, float s) {
+  const uint32_t row = (I == 0 ? (word << 7) : (word >> (8 * I - 7))) & 0x7F80u;
+  const float2 f = *reinterpret_cast<const float2*>(s_lut + (row | col));
+  return Mma<T>::pack(__fmul_rn(f.x, s), __fmul_rn(f.y, s));
+}
+
+template <typename T, int NB, int WK, bool kNested>
+__global__ void __launch_bounds__(kThreads) wgmma_kernel(
+    const T* __restrict__ x, int64_t M, int64_t N, int64_t K, const uint8_t* __restrict__ packed,
+    const void* __restrict__ absmax_raw, const float* __restrict__ nested_absmax,
+    const float* __restrict__ nested_code, const float* __restrict__ offset, int log2_bs,
+    int log2_nested_bs, const T* __restrict__ bias, T* __restrict__ y, DecodeTable table) {
+#if NF4_HAS_WGMMA
+  using Cfg = WgTile<NB, WK>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* s_lut = smem;
+  float* s_code = reinterpret_cast<float*>(smem + kLutBytes);
+  unsigned char* s_x = smem + kLutBytes + kCodeBytes;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wg = warp >> 2;  // warpgroup
+  const int wq = warp & 3;   // warp within it: 16 of its 64 rows
+  const int wm = WK == 1 ? wg : 0;
+  const int wk = WK == 1 ? 0 : wg;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const uint32_t col = static_cast<uint32_t>(lane & 15) * 8;
+  const int64_t tok0 = static_cast<int64_t>(blockIdx.x) * Cfg::kTokens;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * Cfg::kRows + wm * 64 + wq * 16;
+  const int groups = static_cast<int>(K / kGroup);
+  const int stages = (groups + WK - 1) / WK;
+  const int group_shift = log2_bs - 6;
+  const int blocks_per_row = static_cast<int>(K >> log2_bs);
+  const float mean = kNested ? *offset : 0.0f;
+
+  // The lane's two rows (g and g + 8), clamped to N - 1 (outputs past N are not stored).
+  const uint8_t* wp[2];
+  int brow = 0;  // absmax block index of row g + 8t at group 0 (lanes t = 0, 1 compute the scales)
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    int64_t row = row0 + 8 * h + g;
+    row = row < N ? row : N - 1;
+    wp[h] = packed + row * (K / 2) + wk * (kGroup / 2) + 8 * t;
+  }
+  {
+    int64_t row = row0 + 8 * (t & 1) + g;
+    row = row < N ? row : N - 1;
+    brow = static_cast<int>(row) * blocks_per_row;
+  }
+
+  uint2 w_next[2];
+  uint32_t q_next = 0;
+  float nabs_next = 0.0f;
+  auto load_weights = [&](int s) {
+    const int gi = s * WK + wk;
+    const bool in = gi < groups;  // warpgroup-uniform
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      w_next[h] = in ? load_weight(wp[h]) : make_uint2(0, 0);
+      wp[h] += WK * (kGroup / 2);
+    }
+    q_next = 0;
+    nabs_next = 0.0f;
+    if (t < 2 && in) {
+      const int blk = brow + (gi >> group_shift);
+      if constexpr (kNested) {
+        q_next = __ldg(static_cast<const uint8_t*>(absmax_raw) + blk);
+        nabs_next = __ldg(nested_absmax + (blk >> log2_nested_bs));
+      } else {
+        q_next = __float_as_uint(__ldg(static_cast<const float*>(absmax_raw) + blk));
+      }
+    }
+  };
+
+  // x chunk i of this thread: index tid + 256 i = (group w, token octet ng, q parity, lane part):
+  // token 8 ng + l / 4, 16-byte chunk q = 2 (l % 4) + parity of the group's 8.
+  uint4 xr[Cfg::kLoads];
+  auto load_x = [&](int s) {
+#pragma unroll
+    for (int i = 0; i < Cfg::kLoads; ++i) {
+      const int idx = tid + kThreads * i;
+      const int l = idx & 31;
+      const int qpar = (idx >> 5) & 1;
+      const int ng = (idx >> 6) % Cfg::kNG;
+      const int w = (idx >> 6) / Cfg::kNG;
+      const int64_t tok = tok0 + 8 * ng + (l >> 2);
+      const int gi = s * WK + w;
+      const int q = 2 * (l & 3) + qpar;
+      xr[i] = (tok < M && gi < groups)
+                  ? __ldg(reinterpret_cast<const uint4*>(x + tok * K + static_cast<int64_t>(gi) * kGroup + 8 * q))
+                  : make_uint4(0, 0, 0, 0);
+    }
+  };
+  auto store_x = [&](int b) {
+#pragma unroll
+    for (int i = 0; i < Cfg::kLoads; ++i) {
+      const int idx = tid + kThreads * i;
+      const int l = idx & 31;
+      const int qpar = (idx >> 5) & 1;
+      const int ng = (idx >> 6) % Cfg::kNG;
+      const int w = (idx >> 6) / Cfg::kNG;
+      // Unit 4q + e = 8 (l % 4) + 4 qpar + e: step j = 2 qpar + e / 2, half h = e % 2, slot l % 4.
+      unsigned char* base = s_x + b * Cfg::kStageBytes + w * Cfg::kGroupBytes + (l >> 2) * 16 + (l & 3) * 4;
+      const uint32_t v[4] = {xr[i].x, xr[i].y, xr[i].z, xr[i].w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = 2 * qpar + (e >> 1);
+        *reinterpret_cast<uint32_t*>(base + ((j * Cfg::kNG + ng) * 2 + (e & 1)) * 128) = v[e];
+      }
+    }
+    fence_proxy_async();
+  };
+
+  load_x(0);
+  load_weights(0);
+  for (int i = tid; i < 256 * kLutCopies; i += kThreads) {
+    const int b = i / kLutCopies;
+    reinterpret_cast<float2*>(s_lut)[i] = make_float2(table.levels[b >> 4], table.levels[b & 15]);
+  }
+  if constexpr (kNested) {
+    for (int i = tid; i < 256; i += kThreads) s_code[i] = nested_code[i];
+  }
+  store_x(0);
+
+  float acc[NB][32];
+#pragma unroll
+  for (int c = 0; c < NB; ++c)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) acc[c][i] = 0.0f;
+
+  for (int s = 0; s < stages; ++s) {
+    __syncthreads();  // stage s is in buffer s % 2; every wgmma of stage s - 1 has completed
+    if (s + 1 < stages) load_x(s + 1);
+    const uint2 w0 = w_next[0];
+    const uint2 w1 = w_next[1];
+    float mine;
+    if constexpr (kNested) {
+      mine = __fadd_rn(__fmul_rn(s_code[q_next], nabs_next), mean);
+    } else {
+      mine = __uint_as_float(q_next);
+    }
+    if (s + 1 < stages) load_weights(s + 1);
+    if (s * WK + wk < groups) {  // warpgroup-uniform
+      const float sc0 = __shfl_sync(0xffffffffu, mine, lane & ~3);
+      const float sc1 = __shfl_sync(0xffffffffu, mine, (lane & ~3) | 1);
+      uint32_t a[4][4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        // Step j: bytes 2j, 2j + 1 of each row's 8 (see Note: x in shared memory, permuted).
+        const uint32_t r0 = j < 2 ? w0.x : w0.y;
+        const uint32_t r1 = j < 2 ? w1.x : w1.y;
+        if ((j & 1) == 0) {
+          a[j][0] = scaled_byte<T, 0>(s_lut, r0, col, sc0);
+          a[j][1] = scaled_byte<T, 0>(s_lut, r1, col, sc1);
+          a[j][2] = scaled_byte<T, 1>(s_lut, r0, col, sc0);
+          a[j][3] = scaled_byte<T, 1>(s_lut, r1, col, sc1);
+        } else {
+          a[j][0] = scaled_byte<T, 2>(s_lut, r0, col, sc0);
+          a[j][1] = scaled_byte<T, 2>(s_lut, r1, col, sc1);
+          a[j][2] = scaled_byte<T, 3>(s_lut, r0, col, sc0);
+          a[j][3] = scaled_byte<T, 3>(s_lut, r1, col, sc1);
+        }
+      }
+      const unsigned char* xs = s_x + (s & 1) * Cfg::kStageBytes + wk * Cfg::kGroupBytes;
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int c = 0; c < NB; ++c) {
+          wgmma_n64(acc[c], a[j], smem_desc(xs + (j * Cfg::kNG + 8 * c) * kSbo), T{});
+        }
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) pin(a[j][i]);
+#pragma unroll
+      for (int c = 0; c < NB; ++c)
+#pragma unroll
+        for (int i = 0; i < 32; ++i) pin(acc[c][i]);
+    }
+    if (s + 1 < stages) store_x((s + 1) & 1);
+  }
+  __syncthreads();  // all products done: shared memory is free
+
+  if constexpr (WK == 2) {
+    float* red = reinterpret_cast<float*>(smem);
+    const int lt = tid & 127;
+    if (wg == 1) {
+#pragma unroll
+      for (int c = 0; c < NB; ++c)
+#pragma unroll
+        for (int i = 0; i < 32; i += 4)
+          *reinterpret_cast<float4*>(&red[((c * 8 + i / 4) * 128 + lt) * 4]) =
+              make_float4(acc[c][i], acc[c][i + 1], acc[c][i + 2], acc[c][i + 3]);
+    }
+    __syncthreads();
+    if (wg == 1) return;
+#pragma unroll
+    for (int c = 0; c < NB; ++c)
+#pragma unroll
+      for (int i = 0; i < 32; i += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(&red[((c * 8 + i / 4) * 128 + lt) * 4]);
+        acc[c][i] += v.x;
+        acc[c][i + 1] += v.y;
+        acc[c][i + 2] += v.z;
+        acc[c][i + 3] += v.w;
+      }
+  }
+
+  // Accumulators of m64nNk16 per warp: element 4i + 2h + e of lane (g, t) is row g + 8h, token
+  // 8i + 2t + e of the n64 chunk.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t feature = row0 + 8 * h + g;
+    if (feature >= N) continue;
+    const float b = bias != nullptr ? Mma<T>::to_float(bias[feature]) : 0.0f;
+#pragma unroll
+    for (int c = 0; c < NB; ++c) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t token = tok0 + 64 * c + 8 * i + 2 * t + e;
+          if (token < M) y[token * N + feature] = Mma<T>::from_float(acc[c][4 * i + 2 * h + e] + b);
+        }
+      }
+    }
+  }
+#else
+  __trap();  // not built for this GPU: the launcher refuses before launching
+#endif
+}
+
+template <typename T, int NB, int WK>
+Status launch_wg(const void* x, int64_t M, int64_t N, int64_t K, const uint8_t* packed, int log2_bs,
+                 const void* absmax, bool nested, const float* nested_absmax, const float* nested_code,
+                 const float* offset, int log2_nested_bs, const void* bias, void* y, const DecodeTable& table,
+                 cudaStream_t stream) {
+  using Cfg = WgTile<NB, WK>;
+  const int64_t grid_x = (M + Cfg::kTokens - 1) / Cfg::kTokens;
+  const int64_t grid_y = (N + Cfg::kRows - 1) / Cfg::kRows;
+  if (grid_x > 0x7fffffff || grid_y > 65535) return kBadSize;
+  auto kernel = nested ? wgmma_kernel<T, NB, WK, true> : wgmma_kernel<T, NB, WK, false>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
+  if (err != cudaSuccess) {
+    last_cuda_error() = err;
+    cudaGetLastError();
+    return kLaunchFailed;
+  }
+  kernel<<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), kThreads, Cfg::kSmem, stream>>>(
+      static_cast<const T*>(x), M, N, K, packed, absmax, nested_absmax, nested_code, offset, log2_bs,
+      log2_nested_bs, static_cast<const T*>(bias), static_cast<T*>(y), table);
+  return check_launch();
+}
+
+template <typename T>
+Status launch_wg_typed(int token_chunks, int k_groups, const void* x, int64_t M, int64_t N, int64_t K,
+                       const uint8_t* packed, int log2_bs, const void* absmax, bool nested,
+                       const float* nested_absmax, const float* nested_code, const float* offset,
+                       int log2_nested_bs, const void* bias, void* y, const DecodeTable& table,
+                       cudaStream_t stream) {
+#define NF4_LAUNCH(NB, WK)                                                                                 \
+  if (token_chunks == NB && k_groups == WK)                                                               \
+    return launch_wg<T, NB, WK>(x, M, N, K, packed, log2_bs, absmax, nested, nested_absmax, nested_code, \
+                                offset, log2_nested_bs, bias, y, table, stream);
+  NF4_LAUNCH(1, 1)
+  NF4_LAUNCH(1, 2)
+  NF4_LAUNCH(2, 1)
+  NF4_LAUNCH(2, 2)
+#undef NF4_LAUNCH
+  return kBadSize;
+}
+
+}  // namespace
+
+bool wgmma_probe(int device);
+
+// Whether the wgmma kernel can run on `device`: a compute capability 9.0 GPU and sm_90a code in
+// this build (its binary version for the device is 90, not an sm_80 fallback).
+bool wgmma_available(int device) {
+  // Cached per device (the answer cannot change while the process runs).
+  static std::atomic<int8_t> cache[64] = {};
+  if (device < 0) return false;
+  if (device < 64 && cache[device].load() != 0) return cache[device].load() > 0;
+  const bool ok = wgmma_probe(device);
+  if (device < 64) cache[device].store(ok ? 1 : -1);
+  return ok;
+}
+
+bool wgmma_probe(int device) {
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  if (major != 9 || minor != 0) return false;
+  if (use_device(device) != kOk) return false;
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, wgmma_kernel<__nv_bfloat16, 1, 1, false>) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return attr.binaryVersion == 90;
+}
+
+Status launch_matmul_wgmma(const void* x, int dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
+                           int64_t blocksize, const void* absmax, bool nested, const float* nested_absmax,
+                           const float* nested_code, const float* offset, int64_t nested_blocksize,
+                           const void* bias, void* y, const DecodeTable& table, int token_chunks,
+                           int k_groups, int device, cudaStream_t stream) {
+  if (x == nullptr || packed == nullptr || y == nullptr) return kNullPointer;
+  int log2_bs = 0, log2_nested_bs = 0;
+  if (const Status s = check_absmax(absmax, blocksize, nested, nested_absmax, nested_code, offset,
+                                    nested_blocksize, &log2_bs, &log2_nested_bs); s != kOk) return s;
+  if (dtype != kFloat16 && dtype != kBFloat16) return kBadDtype;
+  if (M <= 0 || N <= 0 || K <= 0 || K % kGroup != 0 || blocksize < kGroup || K % blocksize != 0) return kBadSize;
+  if (N > kMaxGroups / (K / kGroup)) return kBadSize;
+  if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(packed) % 8 != 0) return kMisaligned;
+  if (!wgmma_available(device)) return kUnsupportedDevice;
+  if (const Status s = use_device(device); s != kOk) return s;
+  if (dtype == kFloat16) {
+    return launch_wg_typed<__half>(token_chunks, k_groups, x, M, N, K, packed, log2_bs, absmax, nested,
+                                   nested_absmax, nested_code, offset, log2_nested_bs, bias, y, table, stream);
+  }
+  return launch_wg_typed<__nv_bfloat16>(token_chunks, k_groups, x, M, N, K, packed, log2_bs, absmax, nested,
+                                        nested_absmax, nested_code, offset, log2_nested_bs, bias, y, table,
+                                        stream);
+}
+
+}  // namespace nf4
