@@ -9,23 +9,28 @@
 //     16w + 15, the m16 layout of mma.sync) and all 64 * NB tokens of the CTA: NB wgmma
 //     m64n64k16 per 16 k, accumulators 32 * NB fp32 per thread. WK = 1: the warpgroups take 64
 //     rows each (128 per CTA); WK = 2: the same 64 rows, alternate 64-wide groups of K, summed
-//     through shared memory at the end. A stage is WK groups of x; two stages alternate.
+//     through shared memory at the end. A stage is WK groups of x and of the CTA's weight rows,
+//     copied by cp.async four stages deep (three in flight while one is computed): the weight
+//     comes from HBM, and one group's products are far shorter than its latency.
 //
-// Note: x in shared memory, permuted.
-//     wgmma reads B (K-major, no swizzle) as core matrices of 8 tokens x 8 k (16-byte rows,
-//     128 bytes each); a k16 step takes two of them along k (LBO apart) per 8 tokens (SBO apart).
-//     The decoded weight keeps matmul.cu's k permutation (lane t of a quad holds k 16t + 4j +
-//     {0, 1} in fragment slots 2t, 2t+1 and 16t + 4j + {2, 3} in slots 2t + 8, 2t + 9 of step j,
-//     so that a lane's 8 packed bytes cover its 16 k), so x must be staged in the same order:
-//     slot pair t of core matrix (step j, half h) holds x's 4-byte unit 8t + 2j + h. Each thread
-//     loads 16 bytes of x (units 4q .. 4q + 3) and stores its four words where they belong; the
-//     32 lanes of a store fill one 128-byte core matrix (no bank conflicts).
+// Note: x in shared memory.
+//     wgmma reads B (K-major, no swizzle) as core matrices of 8 tokens x 8 k (16-byte rows, 128
+//     bytes each); a k16 step takes two of them along k (LBO apart) per 8 tokens (SBO apart).
+//     x keeps its k order, so each 16-byte piece of an x row is one cp.async to its core matrix.
+//
+// Note: the weight bytes.
+//     In k order, the A fragment of step j gives lane t of a quad k 16j + 2t, 2t + 1 (packed
+//     byte 8j + t of the row's 32 in the group) and 16j + 8 + 2t, 2t + 9 (byte 8j + 4 + t): byte t
+//     of every 4-byte word. A lane reads its two rows' 32 bytes from shared memory (the quad's
+//     four lanes read the same addresses: a broadcast) and gathers byte t of each word with three
+//     byte permutes per 4 words. Each gathered byte is then decoded as in matmul.cu.
 //
 // Note: synchronization.
-//     Ordinary stores that the tensor cores read next need fence.proxy.async in each storing
-//     thread before the barrier. A warpgroup decodes a group's four A fragments, fences, issues
-//     4 * NB wgmma, commits and waits for them before its registers or the stage are reused; the
-//     two warpgroups (and a second CTA per SM) overlap each other's decoding and products.
+//     cp.async writes through the generic proxy and wgmma reads through the async proxy: each
+//     thread fences (fence.proxy.async) after its copies have landed, before the barrier. A
+//     warpgroup decodes a group's four A fragments, fences, issues 4 * NB wgmma, commits and waits
+//     for them before its registers or the stage are reused; the two warpgroups overlap each
+//     other's decoding and products.
 //
 // Dequantization is exact as in matmul_tiled.cu (fp32 level * absmax rounded once to T).
 #include <atomic>
@@ -37,6 +42,10 @@
 #define NF4_HAS_WGMMA 1
 #else
 #define NF4_HAS_WGMMA 0
+#endif
+#if defined(__CUDA_ARCH__) && !NF4_HAS_WGMMA
+// Device passes for other targets compile the kernel as a stub: its helpers go unused there.
+#pragma nv_diag_suppress 177
 #endif
 
 namespace nf4 {
@@ -57,13 +66,24 @@ struct WgTile {
   static constexpr int kTokens = 64 * NB;
   static constexpr int kNG = kTokens / 8;                 // 8-token core-matrix rows
   static constexpr int kRows = 64 * (2 / WK);             // output rows per CTA
-  static constexpr int kGroupBytes = kTokens * kGroup * 2;
-  static constexpr int kStageBytes = WK * kGroupBytes;
-  static constexpr int kSmem = kLutBytes + kCodeBytes + 2 * kStageBytes;
-  static constexpr int kLoads = kTokens * 8 * WK / kThreads;  // 16-byte x chunks per thread per stage
-  static_assert(kLoads * kThreads == kTokens * 8 * WK, "x chunks must split evenly over threads");
+  static constexpr int kXGroupBytes = kTokens * kGroup * 2;  // one 64-wide group of x
+  static constexpr int kWGroupBytes = kRows * kGroup / 2;    // one group of the CTA's weight rows
+  static constexpr int kStageBytes = WK * (kXGroupBytes + kWGroupBytes);
+  static constexpr int kStages = 4;
+  static constexpr int kSmem = kLutBytes + kCodeBytes + kStages * kStageBytes;
+  static constexpr int kXChunks = kTokens * 8 * WK;   // 16-byte copies of x per stage
+  static constexpr int kWChunks = kRows * 2 * WK;     // ... of the weight
+  static_assert(kSmem <= 227 * 1024, "tile does not fit in shared memory");
   static_assert(WK == 1 || NB * 32 * 4 * 128 <= kSmem, "reduction must fit in shared memory");
 };
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -144,35 +164,22 @@ __global__ void __launch_bounds__(kThreads) wgmma_kernel(
   const int blocks_per_row = static_cast<int>(K >> log2_bs);
   const float mean = kNested ? *offset : 0.0f;
 
-  // The lane's two rows (g and g + 8), clamped to N - 1 (outputs past N are not stored).
-  const uint8_t* wp[2];
-  int brow = 0;  // absmax block index of row g + 8t at group 0 (lanes t = 0, 1 compute the scales)
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    int64_t row = row0 + 8 * h + g;
-    row = row < N ? row : N - 1;
-    wp[h] = packed + row * (K / 2) + wk * (kGroup / 2) + 8 * t;
-  }
+  // Absmax block index at group 0 of row g + 8t (lanes t = 0, 1 compute the quad's two scales),
+  // clamped to N - 1 (outputs past N are not stored).
+  int brow = 0;
   {
     int64_t row = row0 + 8 * (t & 1) + g;
     row = row < N ? row : N - 1;
     brow = static_cast<int>(row) * blocks_per_row;
   }
 
-  uint2 w_next[2];
   uint32_t q_next = 0;
   float nabs_next = 0.0f;
-  auto load_weights = [&](int s) {
+  auto load_scale = [&](int s) {
     const int gi = s * WK + wk;
-    const bool in = gi < groups;  // warpgroup-uniform
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      w_next[h] = in ? load_weight(wp[h]) : make_uint2(0, 0);
-      wp[h] += WK * (kGroup / 2);
-    }
     q_next = 0;
     nabs_next = 0.0f;
-    if (t < 2 && in) {
+    if (t < 2 && gi < groups) {
       const int blk = brow + (gi >> group_shift);
       if constexpr (kNested) {
         q_next = __ldg(static_cast<const uint8_t*>(absmax_raw) + blk);
@@ -183,47 +190,41 @@ __global__ void __launch_bounds__(kThreads) wgmma_kernel(
     }
   };
 
-  // x chunk i of this thread: index tid + 256 i = (group w, token octet ng, q parity, lane part):
-  // token 8 ng + l / 4, 16-byte chunk q = 2 (l % 4) + parity of the group's 8.
-  uint4 xr[Cfg::kLoads];
-  auto load_x = [&](int s) {
-#pragma unroll
-    for (int i = 0; i < Cfg::kLoads; ++i) {
-      const int idx = tid + kThreads * i;
-      const int l = idx & 31;
-      const int qpar = (idx >> 5) & 1;
-      const int ng = (idx >> 6) % Cfg::kNG;
-      const int w = (idx >> 6) / Cfg::kNG;
-      const int64_t tok = tok0 + 8 * ng + (l >> 2);
+  // Stage s into buffer b: x (tokens past M and groups past K zero-filled) in core-matrix order
+  // (Note: x in shared memory), then the CTA's weight rows (rows past N clamped to N - 1).
+  auto issue_stage = [&](int s, int b) {
+    unsigned char* xs = s_x + b * Cfg::kStageBytes;
+    unsigned char* ws = xs + WK * Cfg::kXGroupBytes;
+    for (int idx = tid; idx < Cfg::kXChunks; idx += kThreads) {
+      const int q = idx & 7;                 // 8 k per chunk, 8 chunks per group
+      const int n = (idx >> 3) % Cfg::kTokens;
+      const int w = (idx >> 3) / Cfg::kTokens;
+      const int64_t tok = tok0 + n;
       const int gi = s * WK + w;
-      const int q = 2 * (l & 3) + qpar;
-      xr[i] = (tok < M && gi < groups)
-                  ? __ldg(reinterpret_cast<const uint4*>(x + tok * K + static_cast<int64_t>(gi) * kGroup + 8 * q))
-                  : make_uint4(0, 0, 0, 0);
+      const bool ok = tok < M && gi < groups;
+      const int j = q >> 1, h = q & 1;
+      cp_async16(xs + w * Cfg::kXGroupBytes + ((j * Cfg::kNG + (n >> 3)) * 2 + h) * 128 + (n & 7) * 16,
+                 ok ? x + tok * K + static_cast<int64_t>(gi) * kGroup + 8 * q : x, ok);
     }
-  };
-  auto store_x = [&](int b) {
-#pragma unroll
-    for (int i = 0; i < Cfg::kLoads; ++i) {
-      const int idx = tid + kThreads * i;
-      const int l = idx & 31;
-      const int qpar = (idx >> 5) & 1;
-      const int ng = (idx >> 6) % Cfg::kNG;
-      const int w = (idx >> 6) / Cfg::kNG;
-      // Unit 4q + e = 8 (l % 4) + 4 qpar + e: step j = 2 qpar + e / 2, half h = e % 2, slot l % 4.
-      unsigned char* base = s_x + b * Cfg::kStageBytes + w * Cfg::kGroupBytes + (l >> 2) * 16 + (l & 3) * 4;
-      const uint32_t v[4] = {xr[i].x, xr[i].y, xr[i].z, xr[i].w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int j = 2 * qpar + (e >> 1);
-        *reinterpret_cast<uint32_t*>(base + ((j * Cfg::kNG + ng) * 2 + (e & 1)) * 128) = v[e];
-      }
+    for (int idx = tid; idx < Cfg::kWChunks; idx += kThreads) {
+      const int half = idx & 1;
+      const int r = (idx >> 1) % Cfg::kRows;
+      const int w = (idx >> 1) / Cfg::kRows;
+      int64_t row = static_cast<int64_t>(blockIdx.y) * Cfg::kRows + r;
+      row = row < N ? row : N - 1;
+      const int gi = s * WK + w;
+      const bool ok = gi < groups;
+      cp_async16(ws + w * Cfg::kWGroupBytes + r * 32 + 16 * half,
+                 ok ? packed + row * (K / 2) + static_cast<int64_t>(gi) * (kGroup / 2) + 16 * half : packed, ok);
     }
-    fence_proxy_async();
   };
 
-  load_x(0);
-  load_weights(0);
+#pragma unroll
+  for (int s = 0; s < Cfg::kStages - 1; ++s) {
+    if (s < stages) issue_stage(s, s);
+    cp_async_commit();
+  }
+  load_scale(0);
   for (int i = tid; i < 256 * kLutCopies; i += kThreads) {
     const int b = i / kLutCopies;
     reinterpret_cast<float2*>(s_lut)[i] = make_float2(table.levels[b >> 4], table.levels[b & 15]);
@@ -231,7 +232,6 @@ __global__ void __launch_bounds__(kThreads) wgmma_kernel(
   if constexpr (kNested) {
     for (int i = tid; i < 256; i += kThreads) s_code[i] = nested_code[i];
   }
-  store_x(0);
 
   float acc[NB][32];
 #pragma unroll
@@ -239,61 +239,80 @@ __global__ void __launch_bounds__(kThreads) wgmma_kernel(
 #pragma unroll
     for (int i = 0; i < 32; ++i) acc[c][i] = 0.0f;
 
+  // Byte t of each of a row's 8 words, in k order: see Note: the weight bytes.
+  const uint32_t sel = static_cast<uint32_t>(t) | ((4u + t) << 4);
+  const int local_row = (WK == 1 ? wg * 64 : 0) + wq * 16 + g;
+
   for (int s = 0; s < stages; ++s) {
-    __syncthreads();  // stage s is in buffer s % 2; every wgmma of stage s - 1 has completed
-    if (s + 1 < stages) load_x(s + 1);
-    const uint2 w0 = w_next[0];
-    const uint2 w1 = w_next[1];
+    cp_async_wait<Cfg::kStages - 2>();
+    fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads through the async one
+    __syncthreads();      // stage s landed for everyone; every wgmma of stage s - 1 has completed
+    {
+      const int next = s + Cfg::kStages - 1;
+      if (next < stages) issue_stage(next, next % Cfg::kStages);
+      cp_async_commit();
+    }
     float mine;
     if constexpr (kNested) {
       mine = __fadd_rn(__fmul_rn(s_code[q_next], nabs_next), mean);
     } else {
       mine = __uint_as_float(q_next);
     }
-    if (s + 1 < stages) load_weights(s + 1);
-    if (s * WK + wk < groups) {  // warpgroup-uniform
-      const float sc0 = __shfl_sync(0xffffffffu, mine, lane & ~3);
-      const float sc1 = __shfl_sync(0xffffffffu, mine, (lane & ~3) | 1);
-      uint32_t a[4][4];
+    if (s + 1 < stages) load_scale(s + 1);
+    if (s * WK + wk >= groups) continue;  // warpgroup-uniform
+
+    const unsigned char* xs = s_x + (s % Cfg::kStages) * Cfg::kStageBytes;
+    const unsigned char* ws = xs + WK * Cfg::kXGroupBytes + wk * Cfg::kWGroupBytes;
+    uint32_t wt[2][2];  // [row g, g + 8][word]: bytes t, t + 4, ... of the row's 32
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        // Step j: bytes 2j, 2j + 1 of each row's 8 (see Note: x in shared memory, permuted).
-        const uint32_t r0 = j < 2 ? w0.x : w0.y;
-        const uint32_t r1 = j < 2 ? w1.x : w1.y;
-        if ((j & 1) == 0) {
-          a[j][0] = scaled_byte<T, 0>(s_lut, r0, col, sc0);
-          a[j][1] = scaled_byte<T, 0>(s_lut, r1, col, sc1);
-          a[j][2] = scaled_byte<T, 1>(s_lut, r0, col, sc0);
-          a[j][3] = scaled_byte<T, 1>(s_lut, r1, col, sc1);
-        } else {
-          a[j][0] = scaled_byte<T, 2>(s_lut, r0, col, sc0);
-          a[j][1] = scaled_byte<T, 2>(s_lut, r1, col, sc1);
-          a[j][2] = scaled_byte<T, 3>(s_lut, r0, col, sc0);
-          a[j][3] = scaled_byte<T, 3>(s_lut, r1, col, sc1);
-        }
-      }
-      const unsigned char* xs = s_x + (s & 1) * Cfg::kStageBytes + wk * Cfg::kGroupBytes;
-      wgmma_fence();
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int c = 0; c < NB; ++c) {
-          wgmma_n64(acc[c], a[j], smem_desc(xs + (j * Cfg::kNG + 8 * c) * kSbo), T{});
-        }
-      }
-      wgmma_commit();
-      wgmma_wait_all();
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) pin(a[j][i]);
-#pragma unroll
-      for (int c = 0; c < NB; ++c)
-#pragma unroll
-        for (int i = 0; i < 32; ++i) pin(acc[c][i]);
+    for (int h = 0; h < 2; ++h) {
+      const uint4 lo = *reinterpret_cast<const uint4*>(ws + (local_row + 8 * h) * 32);
+      const uint4 hi = *reinterpret_cast<const uint4*>(ws + (local_row + 8 * h) * 32 + 16);
+      wt[h][0] = __byte_perm(__byte_perm(lo.x, lo.y, sel), __byte_perm(lo.z, lo.w, sel), 0x5410);
+      wt[h][1] = __byte_perm(__byte_perm(hi.x, hi.y, sel), __byte_perm(hi.z, hi.w, sel), 0x5410);
     }
-    if (s + 1 < stages) store_x((s + 1) & 1);
+    const float sc0 = __shfl_sync(0xffffffffu, mine, lane & ~3);
+    const float sc1 = __shfl_sync(0xffffffffu, mine, (lane & ~3) | 1);
+    uint32_t a[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // Step j: k [16j, 16j + 16); the lane's slots 2t, 2t + 1 are byte 8j + t of the row, slots
+      // 2t + 8, 2t + 9 byte 8j + 4 + t: bytes 2j % 4 and 2j % 4 + 1 of transposed word j / 2.
+      const uint32_t r0 = wt[0][j >> 1];
+      const uint32_t r1 = wt[1][j >> 1];
+      if ((j & 1) == 0) {
+        a[j][0] = scaled_byte<T, 0>(s_lut, r0, col, sc0);
+        a[j][1] = scaled_byte<T, 0>(s_lut, r1, col, sc1);
+        a[j][2] = scaled_byte<T, 1>(s_lut, r0, col, sc0);
+        a[j][3] = scaled_byte<T, 1>(s_lut, r1, col, sc1);
+      } else {
+        a[j][0] = scaled_byte<T, 2>(s_lut, r0, col, sc0);
+        a[j][1] = scaled_byte<T, 2>(s_lut, r1, col, sc1);
+        a[j][2] = scaled_byte<T, 3>(s_lut, r0, col, sc0);
+        a[j][3] = scaled_byte<T, 3>(s_lut, r1, col, sc1);
+      }
+    }
+    const unsigned char* xw = xs + wk * Cfg::kXGroupBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int c = 0; c < NB; ++c) {
+        wgmma_n64(acc[c], a[j], smem_desc(xw + (j * Cfg::kNG + 8 * c) * kSbo), T{});
+      }
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pin(a[j][i]);
+#pragma unroll
+    for (int c = 0; c < NB; ++c)
+#pragma unroll
+      for (int i = 0; i < 32; ++i) pin(acc[c][i]);
   }
+  cp_async_wait<0>();
   __syncthreads();  // all products done: shared memory is free
 
   if constexpr (WK == 2) {
