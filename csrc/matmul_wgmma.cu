@@ -196,9 +196,11 @@ __global__ void __launch_bounds__(kThreads) wgmma_kernel(
     unsigned char* xs = s_x + b * Cfg::kStageBytes;
     unsigned char* ws = xs + WK * Cfg::kXGroupBytes;
     for (int idx = tid; idx < Cfg::kXChunks; idx += kThreads) {
-      const int q = idx & 7;                 // 8 k per chunk, 8 chunks per group
-      const int n = (idx >> 3) % Cfg::kTokens;
-      const int w = (idx >> 3) / Cfg::kTokens;
+      // Eight consecutive threads fill one core matrix (all 32 banks); a warp reads 64
+      // contiguous bytes of each of 8 token rows.
+      const int q = (idx >> 3) & 7;          // 8 k per chunk, 8 chunks per group
+      const int n = ((idx >> 6) % Cfg::kNG) * 8 + (idx & 7);
+      const int w = (idx >> 6) / Cfg::kNG;
       const int64_t tok = tok0 + n;
       const int gi = s * WK + w;
       const bool ok = tok < M && gi < groups;
