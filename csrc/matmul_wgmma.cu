@@ -191,33 +191,56 @@ __global__ void __launch_bounds__(kThreads) wgmma_kernel(
   };
 
   // Stage s into buffer b: x (tokens past M and groups past K zero-filled) in core-matrix order
-  // (Note: x in shared memory), then the CTA's weight rows (rows past N clamped to N - 1).
+  // (Note: x in shared memory), then the CTA's weight rows (rows past N clamped to N - 1). A
+  // thread copies the same pieces at every stage: their addresses are computed once, here.
+  constexpr int kXPer = Cfg::kXChunks / kThreads;
+  constexpr int kWPer = Cfg::kWChunks / kThreads;
+  static_assert(kXPer * kThreads == Cfg::kXChunks && kWPer * kThreads == Cfg::kWChunks, "uneven copies");
+  const T* x_src[kXPer];
+  uint32_t x_dst[kXPer];
+  int x_w[kXPer];
+  bool x_ok[kXPer];
+#pragma unroll
+  for (int i = 0; i < kXPer; ++i) {
+    // Eight consecutive threads fill one core matrix (all 32 banks); a warp reads 64 contiguous
+    // bytes of each of 8 token rows.
+    const int idx = tid + kThreads * i;
+    const int q = (idx >> 3) & 7;  // 8 k per piece, 8 pieces per group
+    const int n = ((idx >> 6) % Cfg::kNG) * 8 + (idx & 7);
+    const int w = (idx >> 6) / Cfg::kNG;
+    const int64_t tok = tok0 + n;
+    x_ok[i] = tok < M;
+    x_w[i] = w;
+    x_src[i] = x + (x_ok[i] ? tok : 0) * K + static_cast<int64_t>(w) * kGroup + 8 * q;
+    x_dst[i] = w * Cfg::kXGroupBytes + (((q >> 1) * Cfg::kNG + (n >> 3)) * 2 + (q & 1)) * 128 + (n & 7) * 16;
+  }
+  const uint8_t* w_src[kWPer];
+  uint32_t w_dst[kWPer];
+  int w_w[kWPer];
+#pragma unroll
+  for (int i = 0; i < kWPer; ++i) {
+    const int idx = tid + kThreads * i;
+    const int half = idx & 1;
+    const int r = (idx >> 1) % Cfg::kRows;
+    const int w = (idx >> 1) / Cfg::kRows;
+    int64_t row = static_cast<int64_t>(blockIdx.y) * Cfg::kRows + r;
+    row = row < N ? row : N - 1;
+    w_w[i] = w;
+    w_src[i] = packed + row * (K / 2) + static_cast<int64_t>(w) * (kGroup / 2) + 16 * half;
+    w_dst[i] = WK * Cfg::kXGroupBytes + w * Cfg::kWGroupBytes + r * 32 + 16 * half;
+  }
   auto issue_stage = [&](int s, int b) {
-    unsigned char* xs = s_x + b * Cfg::kStageBytes;
-    unsigned char* ws = xs + WK * Cfg::kXGroupBytes;
-    for (int idx = tid; idx < Cfg::kXChunks; idx += kThreads) {
-      // Eight consecutive threads fill one core matrix (all 32 banks); a warp reads 64
-      // contiguous bytes of each of 8 token rows.
-      const int q = (idx >> 3) & 7;          // 8 k per chunk, 8 chunks per group
-      const int n = ((idx >> 6) % Cfg::kNG) * 8 + (idx & 7);
-      const int w = (idx >> 6) / Cfg::kNG;
-      const int64_t tok = tok0 + n;
-      const int gi = s * WK + w;
-      const bool ok = tok < M && gi < groups;
-      const int j = q >> 1, h = q & 1;
-      cp_async16(xs + w * Cfg::kXGroupBytes + ((j * Cfg::kNG + (n >> 3)) * 2 + h) * 128 + (n & 7) * 16,
-                 ok ? x + tok * K + static_cast<int64_t>(gi) * kGroup + 8 * q : x, ok);
+    unsigned char* buf = s_x + b * Cfg::kStageBytes;
+    const int g0 = s * WK;
+#pragma unroll
+    for (int i = 0; i < kXPer; ++i) {
+      const bool ok = x_ok[i] && g0 + x_w[i] < groups;
+      cp_async16(buf + x_dst[i], ok ? x_src[i] + static_cast<int64_t>(g0) * kGroup : x, ok);
     }
-    for (int idx = tid; idx < Cfg::kWChunks; idx += kThreads) {
-      const int half = idx & 1;
-      const int r = (idx >> 1) % Cfg::kRows;
-      const int w = (idx >> 1) / Cfg::kRows;
-      int64_t row = static_cast<int64_t>(blockIdx.y) * Cfg::kRows + r;
-      row = row < N ? row : N - 1;
-      const int gi = s * WK + w;
-      const bool ok = gi < groups;
-      cp_async16(ws + w * Cfg::kWGroupBytes + r * 32 + 16 * half,
-                 ok ? packed + row * (K / 2) + static_cast<int64_t>(gi) * (kGroup / 2) + 16 * half : packed, ok);
+#pragma unroll
+    for (int i = 0; i < kWPer; ++i) {
+      const bool ok = g0 + w_w[i] < groups;
+      cp_async16(buf + w_dst[i], ok ? w_src[i] + static_cast<int64_t>(g0) * (kGroup / 2) : packed, ok);
     }
   };
 
