@@ -75,9 +75,8 @@ def auto_route() -> str:
         cb = importlib.import_module("nf4.cuda_backend")
     except ImportError:
         return "Triton's matmul (the CUDA extension is not built)"
-    mid = "wgmma" if torch.cuda.is_available() and cb.wgmma_available(torch.device("cuda")) else "tiled mma.sync"
-    return (f"the CUDA few-token kernel up to {cb.FUSED_MAX_TOKENS} tokens, the CUDA {mid} kernel up to "
-            f"{cb.TILED_MAX_TOKENS}, Triton's matmul above")
+    return (f"the CUDA few-token kernel up to {cb.FUSED_MAX_TOKENS} tokens ({cb.FEW_MAX_TOKENS_NARROW} below "
+            f"{cb.TILED_MIN_ROWS} rows), the CUDA tiled kernel up to {cb.TILED_MAX_TOKENS}, Triton's matmul above")
 
 
 def run_table() -> None:
@@ -182,10 +181,8 @@ def run_sweep_cuda(only_tokens) -> None:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
             base = timed(lambda: F.linear(x, W))
             sms = cb._sm_count(x.device)
-            if tokens <= cb.FUSED_MAX_TOKENS:
+            if tokens <= cb.FUSED_MAX_TOKENS or (tokens <= cb.FEW_MAX_TOKENS_NARROW and out_f < cb.TILED_MIN_ROWS):
                 chosen = f"few {cb.matmul_config(tokens, out_f, in_f, sms)}"
-            elif cb.wgmma_available(x.device):
-                chosen = f"wgmma {cb.wgmma_config(tokens, out_f, in_f, sms)}"
             else:
                 chosen = f"tiled {cb.tiled_config(tokens, out_f, in_f, sms)}"
             results = []

@@ -156,12 +156,18 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Option
 
 # Tokens up to which ``matmul`` runs the few-token kernel of csrc/matmul.cu (one read of the
 # packed weight, decoded in registers, tensor-core products; it reads the weight once per 32
-# tokens), then up to TILED_MAX_TOKENS the wgmma kernel of csrc/matmul_wgmma.cu on Hopper or the
-# tiled mma.sync kernel of csrc/matmul_tiled.cu elsewhere (x shared through shared memory);
-# above, dequantization and cuBLAS. Both thresholds from the H100 sweep
-# (``python -m bench.bench_matmul --sweep --cuda``, bench/RESULTS.md).
+# tokens). Up to TILED_MAX_TOKENS it runs the tiled mma.sync kernel of csrc/matmul_tiled.cu (x
+# shared by 8 warps through shared memory), except that up to FEW_MAX_TOKENS_NARROW tokens the
+# few-token kernel stays on weights of fewer than TILED_MIN_ROWS rows (too few CTAs for the tiled
+# kernel). Above TILED_MAX_TOKENS: dequantization and cuBLAS. All from the H100 sweeps
+# (``python -m bench.bench_matmul --sweep --cuda``, bench/RESULTS.md): at 64 tokens the tiled
+# kernel beat the few-token one on 14336 and 28672 rows (1.08x / 1.16x bf16 against 1.44x /
+# 1.49x) and lost on 4096 rows; at 128 tokens it beat Triton's matmul on all four Llama shapes
+# (1.43-1.79x against 1.68-2.17x); at 256 and 512 it lost to dequantization + cuBLAS.
 FUSED_MAX_TOKENS = 32
-TILED_MAX_TOKENS = 512
+FEW_MAX_TOKENS_NARROW = 64
+TILED_MIN_ROWS = 8192
+TILED_MAX_TOKENS = 128
 # The kernel's tile choices: tokens per CTA (8, 16, 32), output rows per CTA (16, 32, 64; 64 only
 # with token tiles up to 16) and warps per CTA (they split K; warps * token_tile / 8 <= 64).
 TOKEN_TILES = (8, 16, 32)
@@ -218,10 +224,13 @@ def tiled_configs() -> list[tuple[int, int, int]]:
 
 
 def tiled_config(tokens: int, out_features: int, in_features: int, sms: int) -> tuple[int, int, int]:
-    """(row_tiles, token_tiles, k_warps) for the tiled kernel: 128 tokens per CTA above 64 tokens
-    (each decoded weight serves more of them), else 64; then the fewest warps along K that still
-    give every SM a CTA (CTAs hold 8 / k_warps * 16 * row_tiles rows)."""
-    r, nt = (2, 16) if tokens > 64 else (2, 8)
+    """(row_tiles, token_tiles, k_warps) for the tiled kernel, from the H100 sweep: 64 tokens per
+    CTA up to 64 tokens, 128 above; warps along K while the rows alone give fewer CTAs than SMs
+    (a CTA holds 8 / k_warps * 16 * row_tiles rows)."""
+    if tokens <= 64:
+        r, nt = (4, 8) if out_features > 16384 else (2, 8)
+    else:
+        r, nt = (2, 8) if out_features <= 4096 else (2, 16)
     token_ctas = -(-tokens // (8 * nt))
     choices = [wk for wk in TILED_K_WARPS if (r, nt, wk) in tiled_configs()]
     for wk in choices:
@@ -232,7 +241,8 @@ def tiled_config(tokens: int, out_features: int, in_features: int, sms: int) -> 
 
 
 # The Hopper kernel of csrc/matmul_wgmma.cu (wgmma, sm_90a builds on compute capability 9.0):
-# (token_chunks of 64 tokens per CTA, warpgroups along K).
+# (token_chunks of 64 tokens per CTA, warpgroups along K). Tested, but not on the automatic path:
+# on the H100 it was no faster than the tiled kernel (its Note says what it lacks).
 WGMMA_CONFIGS = ((1, 1), (1, 2), (2, 1), (2, 2))
 _WGMMA: dict[int, bool] = {}
 
@@ -317,17 +327,18 @@ def wgmma_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksiz
 def matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
            quant_type, out_features, in_features, bias):
     """``A @ W.T + bias``: for fp16/bf16 shapes the fused kernels take (``fused_matmul_supported``)
-    the few-token kernel up to ``FUSED_MAX_TOKENS`` tokens, then up to ``TILED_MAX_TOKENS`` the
-    wgmma kernel on Hopper (``wgmma_available``), else the tiled mma.sync kernel. Otherwise the Triton backend's matmul when it is installed and no
+    the few-token kernel up to ``FUSED_MAX_TOKENS`` tokens (``FEW_MAX_TOKENS_NARROW`` on weights
+    of fewer than ``TILED_MIN_ROWS`` rows), then the tiled kernel up to ``TILED_MAX_TOKENS``.
+    Otherwise the Triton backend's matmul when it is installed and no
     backend was forced, else this backend's dequantize and cuBLAS through F.linear."""
     _require_cuda(A, "A")
     tokens = A.numel() // in_features
     args = (A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
             quant_type, out_features, in_features, bias)
     if tokens <= TILED_MAX_TOKENS and fused_matmul_supported(A, blocksize, out_features, in_features):
-        if tokens <= FUSED_MAX_TOKENS:
+        if tokens <= FUSED_MAX_TOKENS or (tokens <= FEW_MAX_TOKENS_NARROW and out_features < TILED_MIN_ROWS):
             return fused_matmul(*args)
-        return wgmma_matmul(*args) if wgmma_available(A.device) else tiled_matmul(*args)
+        return tiled_matmul(*args)
     if backends.get_backend() is None and backends.supports("triton", A.device):
         return backends._load("triton").matmul(*args)
     W = dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,

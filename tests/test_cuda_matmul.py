@@ -118,7 +118,7 @@ def test_binding_refuses_what_the_kernel_cannot_do():
 
 def test_config_heuristic_stays_within_the_kernel_limits():
     """Pure Python: every choice is one the launcher accepts, for shapes from 64 to 128K rows."""
-    for tokens in range(1, cuda_backend.FUSED_MAX_TOKENS + 1):
+    for tokens in range(1, cuda_backend.FEW_MAX_TOKENS_NARROW + 1):
         for out_f, in_f in [(64, 64), (4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192),
                             (128256, 4096), (256, 64 * 3)]:
             for sms in (1, 108, 132):
@@ -139,12 +139,14 @@ def test_fused_path_is_the_cuda_backends_few_token_matmul():
 
 
 @gpu
-@pytest.mark.parametrize("tokens", [1, 32, 33, 64, 65, 200, 512, 513])
-def test_automatic_choice_across_the_token_threshold(tokens):
-    """Auto backend: the few-token kernel up to FUSED_MAX_TOKENS, the tiled kernel up to
-    TILED_MAX_TOKENS, Triton's matmul (or dequantize + cuBLAS without Triton) above; with the
-    cuda backend forced, dequantize + cuBLAS above."""
-    packed, state = _weight(384, 1024)
+@pytest.mark.parametrize("rows", [384, 8192])
+@pytest.mark.parametrize("tokens", [1, 32, 33, 64, 65, 128, 129, 200])
+def test_automatic_choice_across_the_token_threshold(tokens, rows):
+    """Auto backend: the few-token kernel up to FUSED_MAX_TOKENS (FEW_MAX_TOKENS_NARROW below
+    TILED_MIN_ROWS rows), the tiled kernel up to TILED_MAX_TOKENS, Triton's matmul (or
+    dequantize + cuBLAS without Triton) above; with the cuda backend forced, dequantize +
+    cuBLAS above."""
+    packed, state = _weight(rows, 1024)
     W32 = fp32_weight(packed, state)
     x = _x(tokens, 1024, torch.bfloat16)
     nf4.set_backend(None)
