@@ -46,7 +46,6 @@ namespace {
 constexpr int kGroup = 64;        // k per group: four m16n8k16 steps, one absmax
 constexpr int kLut = 256 * 32;    // decode table entries (256 bytes x 32 bank copies)
 constexpr int kMaxThreads = 512;
-constexpr int64_t kMaxGroups = 0x7fffffff;  // N * K / 64 (and so every absmax block index) fits in int
 
 // Decoded pair for byte I (0..3) of `word`: the table row is the byte * 128 bytes, OR-ed with the
 // lane's bank column (lane * 4 < 128, so OR is addition): one shift, one LOP3, one LDS.
@@ -371,22 +370,14 @@ Status launch_matmul(const void* x, int dtype, int64_t M, int64_t N, int64_t K,
                      const float* nested_absmax, const float* nested_code, const float* offset,
                      int64_t nested_blocksize, const void* bias, void* y, const DecodeTable& table,
                      int token_tile, int rows_per_cta, int warps, int device, cudaStream_t stream) {
-  if (x == nullptr || packed == nullptr || y == nullptr) return kNullPointer;
   int log2_bs = 0, log2_nested_bs = 0;
-  if (const Status s = check_absmax(absmax, blocksize, nested, nested_absmax, nested_code, offset,
-                                    nested_blocksize, &log2_bs, &log2_nested_bs); s != kOk) return s;
-  if (dtype != kFloat16 && dtype != kBFloat16) return kBadDtype;
-  // See Note: one scale per group (a group must not straddle two absmax blocks).
-  if (M <= 0 || N <= 0 || K <= 0 || K % kGroup != 0 || blocksize < kGroup || K % blocksize != 0) return kBadSize;
-  // The kernel indexes groups and absmax blocks in 32 bits.
-  if (N > kMaxGroups / (K / kGroup)) return kBadSize;
+  if (const Status s = check_matmul_args(x, dtype, M, N, K, packed, blocksize, absmax, nested, nested_absmax,
+                                         nested_code, offset, nested_blocksize, y, &log2_bs, &log2_nested_bs);
+      s != kOk) return s;
   const int64_t grid_x = (N + rows_per_cta - 1) / rows_per_cta;
   const int64_t grid_y = (M + token_tile - 1) / token_tile;
   if (grid_x > 0x7fffffff || grid_y > 65535) return kBadSize;
   if (warps < 1 || warps > kMaxThreads / 32 || warps * (token_tile / 8) > 64) return kBadSize;
-  // 16-byte loads of x rows (K % 64 == 0 keeps every row aligned when the base is) and 8-byte
-  // loads of packed rows.
-  if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(packed) % 8 != 0) return kMisaligned;
   if (const Status s = use_device(device); s != kOk) return s;
   if (dtype == kFloat16) {
     return launch_typed<__half>(token_tile, rows_per_cta, x, M, N, K, packed, log2_bs, absmax, nested,

@@ -37,7 +37,6 @@ constexpr int kLutCopies = 16;
 constexpr int kLutBytes = 256 * kLutCopies * 8;  // float2 per (byte, copy)
 constexpr int kCodeBytes = 256 * 4;              // the nested code table
 constexpr int kSmemBudget = 160 * 1024;          // under every supported GPU's opt-in limit (A100: 163 KB)
-constexpr int64_t kMaxGroups = 0x7fffffff;       // N * K / 64 fits in int (32-bit block indices)
 
 template <int R, int NT, int WK>
 struct Tile {
@@ -383,17 +382,10 @@ Status launch_matmul_tiled(const void* x, int dtype, int64_t M, int64_t N, int64
                            const float* nested_code, const float* offset, int64_t nested_blocksize,
                            const void* bias, void* y, const DecodeTable& table, int row_tiles,
                            int token_tiles, int k_warps, int device, cudaStream_t stream) {
-  if (x == nullptr || packed == nullptr || y == nullptr) return kNullPointer;
   int log2_bs = 0, log2_nested_bs = 0;
-  if (const Status s = check_absmax(absmax, blocksize, nested, nested_absmax, nested_code, offset,
-                                    nested_blocksize, &log2_bs, &log2_nested_bs); s != kOk) return s;
-  if (dtype != kFloat16 && dtype != kBFloat16) return kBadDtype;
-  // One absmax block per 64-wide group (see matmul.cu, Note: one scale per group).
-  if (M <= 0 || N <= 0 || K <= 0 || K % kGroup != 0 || blocksize < kGroup || K % blocksize != 0) return kBadSize;
-  if (N > kMaxGroups / (K / kGroup)) return kBadSize;
-  // 16-byte copies of x rows (K % 64 == 0 keeps every row aligned when the base is); 8-byte
-  // loads of packed rows.
-  if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(packed) % 8 != 0) return kMisaligned;
+  if (const Status s = check_matmul_args(x, dtype, M, N, K, packed, blocksize, absmax, nested, nested_absmax,
+                                         nested_code, offset, nested_blocksize, y, &log2_bs, &log2_nested_bs);
+      s != kOk) return s;
   if (const Status s = use_device(device); s != kOk) return s;
   if (dtype == kFloat16) {
     return launch_typed<__half>(row_tiles, token_tiles, k_warps, x, M, N, K, packed, log2_bs, absmax, nested,

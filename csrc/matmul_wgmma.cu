@@ -64,7 +64,6 @@ constexpr int kThreads = 256;
 constexpr int kLutCopies = 16;
 constexpr int kLutBytes = 256 * kLutCopies * 8;
 constexpr int kCodeBytes = 256 * 4;
-constexpr int64_t kMaxGroups = 0x7fffffff;
 // Core-matrix strides of the staged x (Note: x in shared memory, permuted).
 constexpr uint32_t kLbo = 128;  // between the two k halves of a k16 step
 constexpr uint32_t kSbo = 256;  // between consecutive 8-token core matrices
@@ -475,14 +474,10 @@ Status launch_matmul_wgmma(const void* x, int dtype, int64_t M, int64_t N, int64
                            const float* nested_code, const float* offset, int64_t nested_blocksize,
                            const void* bias, void* y, const DecodeTable& table, int token_chunks,
                            int k_groups, int device, cudaStream_t stream) {
-  if (x == nullptr || packed == nullptr || y == nullptr) return kNullPointer;
   int log2_bs = 0, log2_nested_bs = 0;
-  if (const Status s = check_absmax(absmax, blocksize, nested, nested_absmax, nested_code, offset,
-                                    nested_blocksize, &log2_bs, &log2_nested_bs); s != kOk) return s;
-  if (dtype != kFloat16 && dtype != kBFloat16) return kBadDtype;
-  if (M <= 0 || N <= 0 || K <= 0 || K % kGroup != 0 || blocksize < kGroup || K % blocksize != 0) return kBadSize;
-  if (N > kMaxGroups / (K / kGroup)) return kBadSize;
-  if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(packed) % 8 != 0) return kMisaligned;
+  if (const Status s = check_matmul_args(x, dtype, M, N, K, packed, blocksize, absmax, nested, nested_absmax,
+                                         nested_code, offset, nested_blocksize, y, &log2_bs, &log2_nested_bs);
+      s != kOk) return s;
   if (!wgmma_available(device)) return kUnsupportedDevice;
   if (const Status s = use_device(device); s != kOk) return s;
   if (dtype == kFloat16) {
