@@ -181,7 +181,7 @@ def run_sweep_cuda(only_tokens) -> None:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
             base = timed(lambda: F.linear(x, W))
             sms = cb._sm_count(x.device)
-            if tokens <= cb.FUSED_MAX_TOKENS or (tokens <= cb.FEW_MAX_TOKENS_NARROW and out_f < cb.TILED_MIN_ROWS):
+            if cb.few_token_kernel_preferred(tokens, out_f):
                 chosen = f"few {cb.matmul_config(tokens, out_f, in_f, sms)}"
             else:
                 chosen = f"tiled {cb.tiled_config(tokens, out_f, in_f, sms)}"

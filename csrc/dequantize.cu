@@ -4,12 +4,13 @@
 // which costs it most at small shapes: 4096x4096 in 0.031 ms on the H100.
 //
 // Rounding matches nf4.reference exactly: absmax = code_value * nested_absmax rounded, THEN
-// + offset rounded (no FMA, hence the __fmul_rn/__fadd_rn); value = level * absmax in fp32, then
+// + offset rounded (no FMA: nested_scale in mma.cuh); value = level * absmax in fp32, then
 // one rounding to the output type.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace nf4 {
 namespace {
@@ -99,7 +100,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(
     const int64_t blk = e >> log2_bs;
     if constexpr (kNested) {
       const uint8_t code = static_cast<const uint8_t*>(absmax_raw)[blk];
-      scale[j] = __fadd_rn(__fmul_rn(nested_code[code], nested_absmax[blk >> log2_nested_bs]), mean);
+      scale[j] = nested_scale(nested_code[code], nested_absmax[blk >> log2_nested_bs], mean);
     } else {
       scale[j] = static_cast<const float*>(absmax_raw)[blk];
     }

@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
       if constexpr (kNested) {
         // As the reference: code value * nested absmax rounded, then + offset rounded. (A
         // group past the range gets a finite scale and zero x: it adds exactly 0.)
-        mine[k] = __fadd_rn(__fmul_rn(s_code[q_next[k]], nabs_next[k]), mean);
+        mine[k] = nested_scale(s_code[q_next[k]], nabs_next[k], mean);
       } else {
         mine[k] = __uint_as_float(q_next[k]);
       }

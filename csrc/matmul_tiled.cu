@@ -33,8 +33,7 @@ namespace {
 constexpr int kGroup = 64;
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kLutCopies = 16;
-constexpr int kLutBytes = 256 * kLutCopies * 8;  // float2 per (byte, copy)
+constexpr int kLutBytes = kF32LutBytes;
 constexpr int kCodeBytes = 256 * 4;              // the nested code table
 constexpr int kSmemBudget = 160 * 1024;          // under every supported GPU's opt-in limit (A100: 163 KB)
 
@@ -53,29 +52,6 @@ struct Tile {
   static_assert(kWM * WK == kWarps, "WK must divide the warp count");
   static_assert(kReduceFloats * 4 <= kSmem, "reduction does not fit in the freed shared memory");
 };
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;  // 0: fill with zeros, read nothing
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// fp32 levels of byte I (0..3) of `word`: table row = byte * 128 bytes, OR-ed with the lane's
-// column ((lane % 16) * 8 < 128).
-template <int I>
-__device__ __forceinline__ float2 decode2(const unsigned char* s_lut, uint32_t word, uint32_t col) {
-  const uint32_t row = (I == 0 ? (word << 7) : (word >> (8 * I - 7))) & 0x7F80u;
-  return *reinterpret_cast<const float2*>(s_lut + (row | col));
-}
-
-template <typename T, int I>
-__device__ __forceinline__ uint32_t scaled(const unsigned char* s_lut, uint32_t word, uint32_t col, float s) {
-  const float2 f = decode2<I>(s_lut, word, col);
-  return Mma<T>::pack(__fmul_rn(f.x, s), __fmul_rn(f.y, s));
-}
 
 template <typename T, int R, int NT, int WK, bool kNested>
 __global__ void __launch_bounds__(kThreads) tiled_kernel(
@@ -183,11 +159,7 @@ __global__ void __launch_bounds__(kThreads) tiled_kernel(
   }
   load_weights(0);
 
-  // Decode table: entry (byte b, copy c) at b * 128 + c * 8 holds levels[b >> 4], levels[b & 15].
-  for (int i = tid; i < 256 * kLutCopies; i += kThreads) {
-    const int b = i / kLutCopies;
-    reinterpret_cast<float2*>(s_lut)[i] = make_float2(table.levels[b >> 4], table.levels[b & 15]);
-  }
+  fill_f32_table(s_lut, table, tid, kThreads);
   if constexpr (kNested) {
     for (int i = tid; i < 256; i += kThreads) s_code[i] = nested_code[i];
   }
@@ -217,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) tiled_kernel(
 #pragma unroll
     for (int k = 0; k < kMine; ++k) {
       if constexpr (kNested) {
-        mine[k] = __fadd_rn(__fmul_rn(s_code[q_next[k]], nabs_next[k]), mean);
+        mine[k] = nested_scale(s_code[q_next[k]], nabs_next[k], mean);
       } else {
         mine[k] = __uint_as_float(q_next[k]);
       }
@@ -248,15 +220,15 @@ __global__ void __launch_bounds__(kThreads) tiled_kernel(
           const uint32_t w1 = jj == 0 ? w[r][1].x : w[r][1].y;
           uint32_t a[4];
           if (jh == 0) {
-            a[0] = scaled<T, 0>(s_lut, w0, col, sc[r][0]);
-            a[1] = scaled<T, 0>(s_lut, w1, col, sc[r][1]);
-            a[2] = scaled<T, 1>(s_lut, w0, col, sc[r][0]);
-            a[3] = scaled<T, 1>(s_lut, w1, col, sc[r][1]);
+            a[0] = scaled_byte<T, 0>(s_lut, w0, col, sc[r][0]);
+            a[1] = scaled_byte<T, 0>(s_lut, w1, col, sc[r][1]);
+            a[2] = scaled_byte<T, 1>(s_lut, w0, col, sc[r][0]);
+            a[3] = scaled_byte<T, 1>(s_lut, w1, col, sc[r][1]);
           } else {
-            a[0] = scaled<T, 2>(s_lut, w0, col, sc[r][0]);
-            a[1] = scaled<T, 2>(s_lut, w1, col, sc[r][1]);
-            a[2] = scaled<T, 3>(s_lut, w0, col, sc[r][0]);
-            a[3] = scaled<T, 3>(s_lut, w1, col, sc[r][1]);
+            a[0] = scaled_byte<T, 2>(s_lut, w0, col, sc[r][0]);
+            a[1] = scaled_byte<T, 2>(s_lut, w1, col, sc[r][1]);
+            a[2] = scaled_byte<T, 3>(s_lut, w0, col, sc[r][0]);
+            a[3] = scaled_byte<T, 3>(s_lut, w1, col, sc[r][1]);
           }
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {

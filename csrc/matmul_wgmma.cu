@@ -61,8 +61,7 @@ namespace {
 
 constexpr int kGroup = 64;
 constexpr int kThreads = 256;
-constexpr int kLutCopies = 16;
-constexpr int kLutBytes = 256 * kLutCopies * 8;
+constexpr int kLutBytes = kF32LutBytes;
 constexpr int kCodeBytes = 256 * 4;
 // Core-matrix strides of the staged x (Note: x in shared memory, permuted).
 constexpr uint32_t kLbo = 128;  // between the two k halves of a k16 step
@@ -83,14 +82,6 @@ struct WgTile {
   static_assert(kSmem <= 227 * 1024, "tile does not fit in shared memory");
   static_assert(WK == 1 || NB * 32 * 4 * 128 <= kSmem, "reduction must fit in shared memory");
 };
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -130,15 +121,6 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 __device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 __device__ __forceinline__ void pin(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 #endif
-
-// Byte I of `word` decoded through the fp32 table (row = byte * 128, column (lane % 16) * 8),
-// each level times the block scale, rounded once to T.
-template <typename T, int I>
-__device__ __forceinline__ uint32_t scaled_byte(const unsigned char* s_lut, uint32_t word, uint32_t col, float s) {
-  const uint32_t row = (I == 0 ? (word << 7) : (word >> (8 * I - 7))) & 0x7F80u;
-  const float2 f = *reinterpret_cast<const float2*>(s_lut + (row | col));
-  return Mma<T>::pack(__fmul_rn(f.x, s), __fmul_rn(f.y, s));
-}
 
 template <typename T, int NB, int WK, bool kNested>
 __global__ void __launch_bounds__(kThreads) wgmma_kernel(
@@ -257,10 +239,7 @@ __global__ void __launch_bounds__(kThreads) wgmma_kernel(
     cp_async_commit();
   }
   load_scale(0);
-  for (int i = tid; i < 256 * kLutCopies; i += kThreads) {
-    const int b = i / kLutCopies;
-    reinterpret_cast<float2*>(s_lut)[i] = make_float2(table.levels[b >> 4], table.levels[b & 15]);
-  }
+  fill_f32_table(s_lut, table, tid, kThreads);
   if constexpr (kNested) {
     for (int i = tid; i < 256; i += kThreads) s_code[i] = nested_code[i];
   }
@@ -286,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) wgmma_kernel(
     }
     float mine;
     if constexpr (kNested) {
-      mine = __fadd_rn(__fmul_rn(s_code[q_next], nabs_next), mean);
+      mine = nested_scale(s_code[q_next], nabs_next, mean);
     } else {
       mine = __uint_as_float(q_next);
     }

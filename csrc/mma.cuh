@@ -1,5 +1,7 @@
-// Helpers shared by the fused matmul kernels (matmul.cu, matmul_tiled.cu): one m16n8k16
-// tensor-core product with fp32 accumulation per input type, and the 16-bit conversions around it.
+// Helpers shared by the fused matmul kernels (matmul.cu, matmul_tiled.cu, matmul_wgmma.cu): the
+// launchers' argument checks, one m16n8k16 tensor-core product with fp32 accumulation per input
+// type and the 16-bit conversions around it, the block scale of double quantization (dequantize.cu
+// uses it too), cp.async, and the fp32 decode table of the two tiled kernels.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -31,7 +33,6 @@ inline Status check_matmul_args(const void* x, int dtype, int64_t M, int64_t N, 
   if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(packed) % 8 != 0) return kMisaligned;
   return kOk;
 }
-
 
 template <typename T>
 struct Mma;
@@ -71,6 +72,43 @@ struct Mma<__half> {
 // Streamed once: do not keep it in L1 (x, which every CTA reads, should stay).
 __device__ __forceinline__ uint2 load_weight(const uint8_t* p) {
   return __ldcs(reinterpret_cast<const uint2*>(p));
+}
+
+// A block's absmax from its 8-bit code under double quantization, rounded as the reference:
+// code value * nested absmax, then + offset.
+__device__ __forceinline__ float nested_scale(float code_value, float nested_absmax, float mean) {
+  return __fadd_rn(__fmul_rn(code_value, nested_absmax), mean);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int bytes = valid ? 16 : 0;  // 0: fill with zeros, read nothing
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// The fp32 decode table of matmul_tiled.cu and matmul_wgmma.cu: entry (byte b, copy c) at
+// b * 128 + c * 8 holds levels[b >> 4], levels[b & 15], one copy per lane of a half-warp so that
+// its 8-byte loads are conflict-free (32 KB).
+constexpr int kF32LutCopies = 16;
+constexpr int kF32LutBytes = 256 * kF32LutCopies * 8;
+
+__device__ __forceinline__ void fill_f32_table(unsigned char* s_lut, const DecodeTable& table, int tid, int threads) {
+  for (int i = tid; i < 256 * kF32LutCopies; i += threads) {
+    const int b = i / kF32LutCopies;
+    reinterpret_cast<float2*>(s_lut)[i] = make_float2(table.levels[b >> 4], table.levels[b & 15]);
+  }
+}
+
+// Byte I (0..3) of `word` decoded through the fp32 table (row = byte * 128 bytes, OR-ed with the
+// lane's column (lane % 16) * 8 < 128), each level times the block scale, rounded once to T.
+template <typename T, int I>
+__device__ __forceinline__ uint32_t scaled_byte(const unsigned char* s_lut, uint32_t word, uint32_t col, float s) {
+  const uint32_t row = (I == 0 ? (word << 7) : (word >> (8 * I - 7))) & 0x7F80u;
+  const float2 f = *reinterpret_cast<const float2*>(s_lut + (row | col));
+  return Mma<T>::pack(__fmul_rn(f.x, s), __fmul_rn(f.y, s));
 }
 
 }  // namespace nf4

@@ -211,6 +211,12 @@ def matmul_config(tokens: int, out_features: int, in_features: int, sms: int) ->
     return token_tile, rows, warps
 
 
+def few_token_kernel_preferred(tokens: int, out_features: int) -> bool:
+    """Whether ``matmul`` runs the few-token kernel rather than the tiled one (see the thresholds
+    above; for batches up to TILED_MAX_TOKENS)."""
+    return tokens <= FUSED_MAX_TOKENS or (tokens <= FEW_MAX_TOKENS_NARROW and out_features < TILED_MIN_ROWS)
+
+
 # The tiled kernel of csrc/matmul_tiled.cu for mid-size batches: x staged in shared memory and
 # shared by all warps of a CTA. Its tiles: (row_tiles, token_tiles) m16 / n8 tiles per warp, and
 # warps along K (8 warps per CTA); (2, 16) is not built with 4 warps along K (shared memory).
@@ -222,7 +228,6 @@ def tiled_configs() -> list[tuple[int, int, int]]:
     """Every (row_tiles, token_tiles, k_warps) the tiled kernel is built for."""
     return [(r, nt, wk) for r, nt in TILED_TILES for wk in TILED_K_WARPS if not (nt == 16 and wk == 4)]
 
-
 def tiled_config(tokens: int, out_features: int, in_features: int, sms: int) -> tuple[int, int, int]:
     """(row_tiles, token_tiles, k_warps) for the tiled kernel, from the H100 sweep: 64 tokens per
     CTA up to 64 tokens, 128 above; warps along K while the rows alone give fewer CTAs than SMs
@@ -232,7 +237,8 @@ def tiled_config(tokens: int, out_features: int, in_features: int, sms: int) -> 
     else:
         r, nt = (2, 8) if out_features <= 4096 else (2, 16)
     token_ctas = -(-tokens // (8 * nt))
-    choices = [wk for wk in TILED_K_WARPS if (r, nt, wk) in tiled_configs()]
+    built = tiled_configs()
+    choices = [wk for wk in TILED_K_WARPS if (r, nt, wk) in built]
     for wk in choices:
         rows = 8 // wk * 16 * r
         if token_ctas * -(-out_features // rows) >= sms:
@@ -336,9 +342,7 @@ def matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nes
     args = (A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
             quant_type, out_features, in_features, bias)
     if tokens <= TILED_MAX_TOKENS and fused_matmul_supported(A, blocksize, out_features, in_features):
-        if tokens <= FUSED_MAX_TOKENS or (tokens <= FEW_MAX_TOKENS_NARROW and out_features < TILED_MIN_ROWS):
-            return fused_matmul(*args)
-        return tiled_matmul(*args)
+        return fused_matmul(*args) if few_token_kernel_preferred(tokens, out_features) else tiled_matmul(*args)
     if backends.get_backend() is None and backends.supports("triton", A.device):
         return backends._load("triton").matmul(*args)
     W = dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
