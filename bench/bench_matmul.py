@@ -158,7 +158,7 @@ def sweep_cuda_configs(tokens: int):
     out = []
     if tokens <= 64:
         tile = next((t for t in cb.TOKEN_TILES if tokens <= t), cb.TOKEN_TILES[-1])
-        out += [("few", (tile, rows, warps)) for rows in cb.ROW_TILES for warps in (4, 8, 16)
+        out += [("few", (tile, rows, warps)) for rows in cb.ROW_TILES for warps in cb.FEW_WARPS
                 if not (tile == 32 and rows == 64) and warps * tile // 8 <= 64]
     if tokens >= 32:
         out += [("tiled", cfg) for cfg in cb.tiled_configs()]

@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(
   using Word = typename std::conditional<V == 8, uint32_t, uint16_t>::type;  // V codes
 
   __shared__ float s_levels[16];
-  if (threadIdx.x < 16) s_levels[threadIdx.x] = table.levels[threadIdx.x];
+  if (threadIdx.x < 16) s_levels[threadIdx.x] = level(table, threadIdx.x);
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;

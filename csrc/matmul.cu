@@ -30,6 +30,16 @@
 //     computed four times (two loads, a lookup and two roundings each). Instead each lane computes
 //     a quarter of the chunk's scales and takes the others from its quad-mates with __shfl_sync.
 //
+// Note: two chunk buffers.
+//     A warp walks its groups in chunks of U. Everything a chunk needs from memory (weight bytes,
+//     block-scale inputs and x) is loaded into one of two register buffers while the other
+//     buffer's chunk computes; the loop body handles two chunks, so the buffers swap roles
+//     without copies. (With one buffer copied into a working set each trip, nvcc placed the
+//     copy after the next chunk's loads: ncu on the H100 showed 30% of all stall samples on that
+//     copy waiting for the load just issued, and x loaded in the compute step was the top stall
+//     at one token.) x in the buffers costs registers, so the kernel allows at most 8 warps
+//     (its launch bound) and takes 2 groups per chunk.
+//
 // Decode table: entry b (a packed byte) holds levels[b >> 4] (low half: the lower k) and
 // levels[b & 15] (high half) converted to T; 256 entries, copied 32 times so that lane l always
 // reads bank l (conflict-free lookups): 32 KB of shared memory, reused for the cross-warp
@@ -45,7 +55,7 @@ namespace {
 
 constexpr int kGroup = 64;        // k per group: four m16n8k16 steps, one absmax
 constexpr int kLut = 256 * 32;    // decode table entries (256 bytes x 32 bank copies)
-constexpr int kMaxThreads = 512;
+constexpr int kMaxThreads = 256;
 
 // Decoded pair for byte I (0..3) of `word`: the table row is the byte * 128 bytes, OR-ed with the
 // lane's bank column (lane * 4 < 128, so OR is addition): one shift, one LOP3, one LDS.
@@ -80,9 +90,10 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
   const int blocks_per_row = static_cast<int>(K >> log2_bs);
   const float mean = kNested ? *offset : 0.0f;
 
-  // Groups go in chunks of U; the next chunk's weight bytes and block-scale inputs are loaded
-  // while this chunk computes. Fewer groups per chunk when more tokens or rows take registers.
-  constexpr int U = (NT == 1 ? 4 : (NT == 2 ? 2 : 1)) / R > 0 ? (NT == 1 ? 4 : (NT == 2 ? 2 : 1)) / R : 1;
+  // Groups go in chunks of U (see Note: two chunk buffers); fewer groups per chunk when more
+  // tokens or rows take registers.
+  constexpr int kU = NT == 1 ? 2 : (NT == 2 ? 2 : 1);
+  constexpr int U = kU / R > 0 ? kU / R : 1;
   constexpr int kPairs = 2 * R;                  // (row tile, half) pairs of a lane
   constexpr int kScales = U * kPairs;            // block scales a quad needs per chunk
   constexpr int kMine = (kScales + 3) / 4;       // ... of which each lane computes this many
@@ -123,18 +134,14 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
     xp[nt] = x + (tok_ok[nt] ? tok : 0) * K + static_cast<int64_t>(gbeg) * kGroup + 16 * t;
   }
 
-  float acc[R][NT][4];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.0f;
-
-  uint2 w_next[U][R][2];
-  uint32_t q_next[kMine];  // nested: absmax code; else the float32 absmax's bits
-  float nabs_next[kMine];
-  auto load_chunk = [&](int c) {
+  // See Note: two chunk buffers. A chunk's inputs: weight bytes, block-scale inputs and x.
+  struct Chunk {
+    uint2 w[U][R][2];
+    uint32_t q[kMine];  // nested: absmax code; else the float32 absmax's bits
+    float nabs[kMine];
+    uint4 x[U][NT][2];  // 16 consecutive values per lane, token and group; zero for padding
+  };
+  auto load_chunk = [&](Chunk& b, int c) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const bool in = c + u < gend;  // warp-uniform
@@ -142,22 +149,33 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
       for (int r = 0; r < R; ++r) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          w_next[u][r][h] = in ? load_weight(wp[r][h] + u * (kGroup / 2)) : make_uint2(0, 0);
+          b.w[u][r][h] = in ? load_weight(wp[r][h] + u * (kGroup / 2)) : make_uint2(0, 0);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        if (in && tok_ok[nt]) {
+          const uint4* p = reinterpret_cast<const uint4*>(xp[nt] + u * kGroup);
+          b.x[u][nt][0] = __ldg(p);
+          b.x[u][nt][1] = __ldg(p + 1);
+        } else {
+          b.x[u][nt][0] = make_uint4(0, 0, 0, 0);
+          b.x[u][nt][1] = make_uint4(0, 0, 0, 0);
         }
       }
     }
 #pragma unroll
     for (int k = 0; k < kMine; ++k) {
       const int gi = c + my_u;
-      q_next[k] = 0;
-      nabs_next[k] = 0.0f;
+      b.q[k] = 0;
+      b.nabs[k] = 0.0f;
       if (my_ok[k] && gi < gend) {
         const int blk = my_brow[k] + (gi >> group_shift);
         if constexpr (kNested) {
-          q_next[k] = __ldg(static_cast<const uint8_t*>(absmax_raw) + blk);
-          nabs_next[k] = __ldg(nested_absmax + (blk >> log2_nested_bs));
+          b.q[k] = __ldg(static_cast<const uint8_t*>(absmax_raw) + blk);
+          b.nabs[k] = __ldg(nested_absmax + (blk >> log2_nested_bs));
         } else {
-          q_next[k] = __float_as_uint(__ldg(static_cast<const float*>(absmax_raw) + blk));
+          b.q[k] = __float_as_uint(__ldg(static_cast<const float*>(absmax_raw) + blk));
         }
       }
     }
@@ -166,67 +184,30 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
 #pragma unroll
       for (int h = 0; h < 2; ++h) wp[r][h] += U * (kGroup / 2);
     }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xp[nt] += U * kGroup;
   };
-  if (gbeg < gend) load_chunk(gbeg);  // in flight while the table is built
 
-  // Decode table: thread b < 256 builds entry b and writes its 32 copies (16-byte stores,
-  // rotated so that the 8 stores of a warp's instruction spread over all banks).
-  for (int b = tid; b < 256; b += blockDim.x) {
-    const uint32_t v = Mma<T>::pack(table.levels[b >> 4], table.levels[b & 15]);
-    const uint4 v4 = make_uint4(v, v, v, v);
+  float acc[R][NT][4];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int slot = (i + b) & 7;
-      *reinterpret_cast<uint4*>(&s_lut[b * 32 + slot * 4]) = v4;
-    }
-  }
-  if constexpr (kNested) {
-    for (int i = tid; i < 256; i += blockDim.x) s_code[i] = nested_code[i];
-  }
-  __syncthreads();
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.0f;
 
-  for (int c = gbeg; c < gend; c += U) {
-    uint2 w[U][R][2];
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) w[u][r][h] = w_next[u][r][h];
+  auto compute_chunk = [&](const Chunk& b) {
     float mine[kMine];
 #pragma unroll
     for (int k = 0; k < kMine; ++k) {
       if constexpr (kNested) {
         // As the reference: code value * nested absmax rounded, then + offset rounded. (A
         // group past the range gets a finite scale and zero x: it adds exactly 0.)
-        mine[k] = nested_scale(s_code[q_next[k]], nabs_next[k], mean);
+        mine[k] = nested_scale(s_code[b.q[k]], b.nabs[k], mean);
       } else {
-        mine[k] = __uint_as_float(q_next[k]);
+        mine[k] = __uint_as_float(b.q[k]);
       }
     }
-    if (c + U < gend) load_chunk(c + U);
-
-    // x: 16 consecutive values per lane, token and group (two 16-byte loads), zero for padding
-    // tokens and for groups past this warp's range.
-    uint4 xv[U][NT][2];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const bool in = c + u < gend;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        if (in && tok_ok[nt]) {
-          const uint4* p = reinterpret_cast<const uint4*>(xp[nt] + u * kGroup);
-          xv[u][nt][0] = __ldg(p);
-          xv[u][nt][1] = __ldg(p + 1);
-        } else {
-          xv[u][nt][0] = make_uint4(0, 0, 0, 0);
-          xv[u][nt][1] = make_uint4(0, 0, 0, 0);
-        }
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) xp[nt] += U * kGroup;
-
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #pragma unroll
@@ -242,8 +223,8 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int i = 0; i < 4; ++i) part[nt][i] = 0.0f;
-        const uint2& w0 = w[u][r][0];
-        const uint2& w1 = w[u][r][1];
+        const uint2& w0 = b.w[u][r][0];
+        const uint2& w1 = b.w[u][r][1];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           // See Note: the k permutation. Bytes 2j, 2j+1 of each row's 8.
@@ -263,7 +244,7 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
           }
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
-            const uint4& v = xv[u][nt][j >> 1];
+            const uint4& v = b.x[u][nt][j >> 1];
             const uint32_t b0 = (j & 1) ? v.z : v.x;
             const uint32_t b1 = (j & 1) ? v.w : v.y;
             Mma<T>::mma(part[nt], a, b0, b1);
@@ -278,8 +259,35 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
         }
       }
     }
-  }
+  };
 
+  Chunk ca, cb;
+  if (gbeg < gend) load_chunk(ca, gbeg);  // in flight while the table is built
+
+  // Decode table: thread b < 256 builds entry b and writes its 32 copies (16-byte stores,
+  // rotated so that the 8 stores of a warp's instruction spread over all banks).
+  for (int b = tid; b < 256; b += blockDim.x) {
+    const uint32_t v = Mma<T>::pack(level(table, b >> 4), level(table, b & 15));
+    const uint4 v4 = make_uint4(v, v, v, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int slot = (i + b) & 7;
+      *reinterpret_cast<uint4*>(&s_lut[b * 32 + slot * 4]) = v4;
+    }
+  }
+  if constexpr (kNested) {
+    for (int i = tid; i < 256; i += blockDim.x) s_code[i] = nested_code[i];
+  }
+  __syncthreads();
+
+  // Two chunks per trip, each computed while the other's loads are in flight.
+  for (int c = gbeg; c < gend; c += 2 * U) {
+    if (c + U < gend) load_chunk(cb, c + U);
+    compute_chunk(ca);
+    if (c + U >= gend) break;
+    if (c + 2 * U < gend) load_chunk(ca, c + 2 * U);
+    compute_chunk(cb);
+  }
   // Cross-warp reduction through the (no longer needed) decode table: one row tile at a time,
   // warps x NT x 32 lanes x 4 floats <= 32 KB (the launcher keeps warps * NT <= 64).
   float* red = reinterpret_cast<float*>(s_lut);

@@ -95,10 +95,20 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 constexpr int kF32LutCopies = 16;
 constexpr int kF32LutBytes = 256 * kF32LutCopies * 8;
 
+// table.levels[i] for a runtime i without indexing the by-value kernel parameter (nvcc copies an
+// indexed parameter struct to local memory: a local load per table entry, measured as the top
+// stall of the few-token kernel's prologue). Sixteen selects on constant-bank operands instead.
+__device__ __forceinline__ float level(const DecodeTable& table, int i) {
+  float v = table.levels[0];
+#pragma unroll
+  for (int j = 1; j < 16; ++j) v = i == j ? table.levels[j] : v;
+  return v;
+}
+
 __device__ __forceinline__ void fill_f32_table(unsigned char* s_lut, const DecodeTable& table, int tid, int threads) {
   for (int i = tid; i < 256 * kF32LutCopies; i += threads) {
     const int b = i / kF32LutCopies;
-    reinterpret_cast<float2*>(s_lut)[i] = make_float2(table.levels[b >> 4], table.levels[b & 15]);
+    reinterpret_cast<float2*>(s_lut)[i] = make_float2(level(table, b >> 4), level(table, b & 15));
   }
 }
 

@@ -161,17 +161,20 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Option
 # few-token kernel stays on weights of fewer than TILED_MIN_ROWS rows (too few CTAs for the tiled
 # kernel). Above TILED_MAX_TOKENS: dequantization and cuBLAS. All from the H100 sweeps
 # (``python -m bench.bench_matmul --sweep --cuda``, bench/RESULTS.md): at 64 tokens the tiled
-# kernel beat the few-token one on 14336 and 28672 rows (1.08x / 1.16x bf16 against 1.44x /
-# 1.49x) and lost on 4096 rows; at 128 tokens it beat Triton's matmul on all four Llama shapes
-# (1.43-1.79x against 1.68-2.17x); at 256 and 512 it lost to dequantization + cuBLAS.
+# kernel beat the few-token one on 14336 and 28672 rows (1.08x / 1.17x bf16 against 1.35x /
+# 1.26x) and lost on 4096 rows (0.99x and 0.92x for the few-token kernel); at 128 tokens it beat
+# Triton's matmul on all four Llama shapes (1.43-1.79x against 1.68-2.17x); at 256 and 512 it
+# lost to dequantization + cuBLAS.
 FUSED_MAX_TOKENS = 32
 FEW_MAX_TOKENS_NARROW = 64
 TILED_MIN_ROWS = 8192
 TILED_MAX_TOKENS = 128
 # The kernel's tile choices: tokens per CTA (8, 16, 32), output rows per CTA (16, 32, 64; 64 only
-# with token tiles up to 16) and warps per CTA (they split K; warps * token_tile / 8 <= 64).
+# with token tiles up to 16) and warps per CTA (they split K; at most 8, the kernel's launch
+# bound, and warps * token_tile / 8 <= 64). FEW_WARPS: the warp counts the sweep tries.
 TOKEN_TILES = (8, 16, 32)
 ROW_TILES = (16, 32, 64)
+FEW_WARPS = (4, 8)
 
 
 def fused_matmul_supported(A: torch.Tensor, blocksize: int, out_features: int, in_features: int) -> bool:
@@ -194,17 +197,26 @@ def _sm_count(device: torch.device) -> int:
 
 
 def matmul_config(tokens: int, out_features: int, in_features: int, sms: int) -> tuple[int, int, int]:
-    """(token_tile, rows_per_cta, warps) for the fused kernel.
+    """(token_tile, rows_per_cta, warps) for the fused kernel, from the H100 sweep
+    (``python -m bench.bench_matmul --sweep --cuda``, bench/RESULTS.md):
 
-    From the H100 sweep (``python -m bench.bench_matmul --sweep --cuda``): 16 rows per CTA was
-    fastest on every Llama shape and token count; warps (which split K) as many as keep about
-    2048 warps in the grid, at least 4, and no more than leave each warp two 64-wide groups."""
+    - 1-8 tokens: 16 rows per CTA; warps (which split K) as many as keep about 2048 warps in the
+      grid, at least 4;
+    - 9-16 tokens: 32 rows and 8 warps on weights of more than 8192 rows, else 16 rows and 4 warps;
+    - more: 32 rows per CTA, 8 warps up to 32 tokens and 4 above (one token tile, or several).
+
+    In every case no more warps than leave each one two 64-wide groups."""
     token_tile = next((t for t in TOKEN_TILES if tokens <= t), TOKEN_TILES[-1])
-    rows = ROW_TILES[0]
-    ctas = -(-out_features // rows) * -(-tokens // token_tile)
-    warps = 16
-    while warps > 4 and ctas * warps > 2048:
-        warps //= 2
+    if token_tile == 8:
+        rows = ROW_TILES[0]
+        ctas = -(-out_features // rows) * -(-tokens // token_tile)
+        warps = FEW_WARPS[-1]
+        while warps > 4 and ctas * warps > 2048:
+            warps //= 2
+    elif token_tile == 16:
+        rows, warps = (32, 8) if out_features > 8192 else (16, 4)
+    else:
+        rows, warps = 32, (8 if tokens <= token_tile else 4)
     while warps > 1 and in_features // 64 < 2 * warps:
         warps //= 2
     warps = min(warps, 64 // (token_tile // 8))
@@ -230,8 +242,9 @@ def tiled_configs() -> list[tuple[int, int, int]]:
 
 def tiled_config(tokens: int, out_features: int, in_features: int, sms: int) -> tuple[int, int, int]:
     """(row_tiles, token_tiles, k_warps) for the tiled kernel, from the H100 sweep: 64 tokens per
-    CTA up to 64 tokens, 128 above; warps along K while the rows alone give fewer CTAs than SMs
-    (a CTA holds 8 / k_warps * 16 * row_tiles rows)."""
+    CTA up to 64 tokens, 128 above; warps along K only while the rows alone would leave more than
+    a fifth of the SMs without a CTA (a CTA holds 8 / k_warps * 16 * row_tiles rows): at 64 and
+    128 tokens that picked the fastest k_warps on all four Llama shapes."""
     if tokens <= 64:
         r, nt = (4, 8) if out_features > 16384 else (2, 8)
     else:
@@ -241,7 +254,7 @@ def tiled_config(tokens: int, out_features: int, in_features: int, sms: int) -> 
     choices = [wk for wk in TILED_K_WARPS if (r, nt, wk) in built]
     for wk in choices:
         rows = 8 // wk * 16 * r
-        if token_ctas * -(-out_features // rows) >= sms:
+        if 5 * token_ctas * -(-out_features // rows) >= 4 * sms:
             return r, nt, wk
     return r, nt, choices[-1]
 
