@@ -38,7 +38,8 @@
 //     copy after the next chunk's loads: ncu on the H100 showed 30% of all stall samples on that
 //     copy waiting for the load just issued, and x loaded in the compute step was the top stall
 //     at one token.) x in the buffers costs registers, so the kernel allows at most 8 warps
-//     (its launch bound) and takes 2 groups per chunk.
+//     (its launch bound) and takes 2 groups per chunk, or 1 with more rows or tokens; 4 for one
+//     token tile of 16 rows when each warp holds 32 groups or more (default_chunk).
 //
 // Decode table: entry b (a packed byte) holds levels[b >> 4] (low half: the lower k) and
 // levels[b & 15] (high half) converted to T; 256 entries, copied 32 times so that lane l always
@@ -65,7 +66,13 @@ __device__ __forceinline__ uint32_t decode(const uint32_t* s_lut, uint32_t word,
   return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(s_lut) + (row | lane4));
 }
 
-template <typename T, int NT, int R, bool kNested>
+// Groups per chunk (see Note: two chunk buffers): fewer when more tokens or rows take registers.
+// One token tile of one row tile also comes with 4 (kLongChunk), for warps with long K ranges.
+constexpr int default_chunk(int nt, int r) { return nt <= 2 && r == 1 ? 2 : 1; }
+constexpr int kLongChunk = 4;
+constexpr int kLongChunkMinGroups = 32;  // groups per warp from which it is used
+
+template <typename T, int NT, int R, int U, bool kNested>
 __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
     const T* __restrict__ x, int64_t M, int64_t N, int64_t K, const uint8_t* __restrict__ packed,
     const void* __restrict__ absmax_raw, const float* __restrict__ nested_absmax,
@@ -90,10 +97,6 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
   const int blocks_per_row = static_cast<int>(K >> log2_bs);
   const float mean = kNested ? *offset : 0.0f;
 
-  // Groups go in chunks of U (see Note: two chunk buffers); fewer groups per chunk when more
-  // tokens or rows take registers.
-  constexpr int kU = NT == 1 ? 2 : (NT == 2 ? 2 : 1);
-  constexpr int U = kU / R > 0 ? kU / R : 1;
   constexpr int kPairs = 2 * R;                  // (row tile, half) pairs of a lane
   constexpr int kScales = U * kPairs;            // block scales a quad needs per chunk
   constexpr int kMine = (kScales + 3) / 4;       // ... of which each lane computes this many
@@ -316,6 +319,20 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
   }
 }
 
+template <typename T, int NT, int R, int U>
+void launch_chunked(bool nested, dim3 grid, dim3 block, cudaStream_t stream, const T* x, int64_t M, int64_t N,
+                    int64_t K, const uint8_t* packed, const void* absmax, const float* nested_absmax,
+                    const float* nested_code, const float* offset, int log2_bs, int log2_nested_bs,
+                    const T* bias, T* y, const DecodeTable& table) {
+  if (nested) {
+    matmul_kernel<T, NT, R, U, true><<<grid, block, 0, stream>>>(
+        x, M, N, K, packed, absmax, nested_absmax, nested_code, offset, log2_bs, log2_nested_bs, bias, y, table);
+  } else {
+    matmul_kernel<T, NT, R, U, false><<<grid, block, 0, stream>>>(
+        x, M, N, K, packed, absmax, nested_absmax, nested_code, offset, log2_bs, log2_nested_bs, bias, y, table);
+  }
+}
+
 template <typename T, int NT, int R>
 Status launch_shape(const void* x, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
                     int log2_bs, const void* absmax, bool nested, const float* nested_absmax,
@@ -328,15 +345,18 @@ Status launch_shape(const void* x, int64_t M, int64_t N, int64_t K, const uint8_
   const T* xt = static_cast<const T*>(x);
   const T* bt = static_cast<const T*>(bias);
   T* yt = static_cast<T*>(y);
-  if (nested) {
-    matmul_kernel<T, NT, R, true><<<grid, block, 0, stream>>>(
-        xt, M, N, K, packed, absmax, nested_absmax, nested_code, offset, log2_bs, log2_nested_bs,
-        bt, yt, table);
-  } else {
-    matmul_kernel<T, NT, R, false><<<grid, block, 0, stream>>>(
-        xt, M, N, K, packed, absmax, nested_absmax, nested_code, offset, log2_bs, log2_nested_bs,
-        bt, yt, table);
+  // See default_chunk: on the H100, 4 groups per chunk beat 2 where warps hold 32 groups or more
+  // (28672x8192 and 4096x14336 at 4 warps) and lost below (K = 4096; 4096x14336 at 8 warps).
+  if constexpr (NT == 1 && R == 1) {
+    if (K / kGroup / warps >= kLongChunkMinGroups) {
+      launch_chunked<T, NT, R, kLongChunk>(nested, grid, block, stream, xt, M, N, K, packed, absmax, nested_absmax,
+                                           nested_code, offset, log2_bs, log2_nested_bs, bt, yt, table);
+      return check_launch();
+    }
   }
+  launch_chunked<T, NT, R, default_chunk(NT, R)>(nested, grid, block, stream, xt, M, N, K, packed, absmax,
+                                                 nested_absmax, nested_code, offset, log2_bs, log2_nested_bs, bt,
+                                                 yt, table);
   return check_launch();
 }
 

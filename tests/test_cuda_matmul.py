@@ -55,6 +55,20 @@ def test_every_config(config):
 
 
 @gpu
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "nested"])
+@pytest.mark.parametrize("warps", [1, 2])
+def test_long_chunks(double_quant, warps):
+    # One token tile and 16 rows per CTA take chunks of 4 groups once a warp holds 32 groups or
+    # more (csrc/matmul.cu, kLongChunkMinGroups): 75 groups over 1 or 2 warps (75 and 37/38 per
+    # warp) end in a partial chunk; 100 rows leave a partial row tile.
+    packed, state = _weight(100, 64 * 75, double_quant=double_quant)
+    W32 = fp32_weight(packed, state)
+    for tokens in (1, 5, 8):
+        x = _x(tokens, 64 * 75, torch.bfloat16)
+        check(cuda_backend.fused_matmul(x, *_args(packed, state), None, config=(8, 16, warps)), x, W32)
+
+
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "nested"])
