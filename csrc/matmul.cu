@@ -39,7 +39,10 @@
 //     copy waiting for the load just issued, and x loaded in the compute step was the top stall
 //     at one token.) x in the buffers costs registers, so the kernel allows at most 8 warps
 //     (its launch bound) and takes 2 groups per chunk, or 1 with more rows or tokens; 4 for one
-//     token tile of 16 rows when each warp holds 32 groups or more (default_chunk).
+//     token tile of 16 rows when each warp holds 32 groups or more (default_chunk). With 16
+//     tokens per CTA, x is loaded when its chunk computes instead (kXInChunk): there the H100
+//     sweep had it faster on three of the four Llama shapes (101 against 111 us on 28672x8192),
+//     while with 8 and 32 tokens x in the buffers was faster on all four.
 //
 // Decode table: entry b (a packed byte) holds levels[b >> 4] (low half: the lower k) and
 // levels[b & 15] (high half) converted to T; 256 entries, copied 32 times so that lane l always
@@ -97,6 +100,7 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
   const int blocks_per_row = static_cast<int>(K >> log2_bs);
   const float mean = kNested ? *offset : 0.0f;
 
+  constexpr bool kXInChunk = NT != 2;  // x loaded with the chunk, or when it computes (Note)
   constexpr int kPairs = 2 * R;                  // (row tile, half) pairs of a lane
   constexpr int kScales = U * kPairs;            // block scales a quad needs per chunk
   constexpr int kMine = (kScales + 3) / 4;       // ... of which each lane computes this many
@@ -137,12 +141,35 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
     xp[nt] = x + (tok_ok[nt] ? tok : 0) * K + static_cast<int64_t>(gbeg) * kGroup + 16 * t;
   }
 
-  // See Note: two chunk buffers. A chunk's inputs: weight bytes, block-scale inputs and x.
+  // x of chunk c: 16 consecutive values per lane, token and group; zero for padding tokens and
+  // for groups past this warp's range.
+  auto load_x = [&](uint4 (&dst)[U][NT][2], int c) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const bool in = c + u < gend;  // warp-uniform
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        if (in && tok_ok[nt]) {
+          const uint4* p = reinterpret_cast<const uint4*>(xp[nt] + u * kGroup);
+          dst[u][nt][0] = __ldg(p);
+          dst[u][nt][1] = __ldg(p + 1);
+        } else {
+          dst[u][nt][0] = make_uint4(0, 0, 0, 0);
+          dst[u][nt][1] = make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xp[nt] += U * kGroup;
+  };
+
+  // See Note: two chunk buffers. A chunk's inputs: weight bytes, block-scale inputs and (with
+  // kXInChunk) x.
   struct Chunk {
     uint2 w[U][R][2];
     uint32_t q[kMine];  // nested: absmax code; else the float32 absmax's bits
     float nabs[kMine];
-    uint4 x[U][NT][2];  // 16 consecutive values per lane, token and group; zero for padding
+    uint4 x[kXInChunk ? U : 1][NT][2];
   };
   auto load_chunk = [&](Chunk& b, int c) {
 #pragma unroll
@@ -155,18 +182,8 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
           b.w[u][r][h] = in ? load_weight(wp[r][h] + u * (kGroup / 2)) : make_uint2(0, 0);
         }
       }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        if (in && tok_ok[nt]) {
-          const uint4* p = reinterpret_cast<const uint4*>(xp[nt] + u * kGroup);
-          b.x[u][nt][0] = __ldg(p);
-          b.x[u][nt][1] = __ldg(p + 1);
-        } else {
-          b.x[u][nt][0] = make_uint4(0, 0, 0, 0);
-          b.x[u][nt][1] = make_uint4(0, 0, 0, 0);
-        }
-      }
     }
+    if constexpr (kXInChunk) load_x(b.x, c);
 #pragma unroll
     for (int k = 0; k < kMine; ++k) {
       const int gi = c + my_u;
@@ -187,8 +204,6 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
 #pragma unroll
       for (int h = 0; h < 2; ++h) wp[r][h] += U * (kGroup / 2);
     }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) xp[nt] += U * kGroup;
   };
 
   float acc[R][NT][4];
@@ -199,7 +214,10 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.0f;
 
-  auto compute_chunk = [&](const Chunk& b) {
+  auto compute_chunk = [&](const Chunk& b, int c) {
+    uint4 x_now[kXInChunk ? 1 : U][NT][2];
+    if constexpr (!kXInChunk) load_x(x_now, c);
+    const uint4 (*xs)[NT][2] = kXInChunk ? b.x : x_now;
     float mine[kMine];
 #pragma unroll
     for (int k = 0; k < kMine; ++k) {
@@ -247,7 +265,7 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
           }
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
-            const uint4& v = b.x[u][nt][j >> 1];
+            const uint4& v = xs[u][nt][j >> 1];
             const uint32_t b0 = (j & 1) ? v.z : v.x;
             const uint32_t b1 = (j & 1) ? v.w : v.y;
             Mma<T>::mma(part[nt], a, b0, b1);
@@ -286,10 +304,10 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
   // Two chunks per trip, each computed while the other's loads are in flight.
   for (int c = gbeg; c < gend; c += 2 * U) {
     if (c + U < gend) load_chunk(cb, c + U);
-    compute_chunk(ca);
+    compute_chunk(ca, c);
     if (c + U >= gend) break;
     if (c + 2 * U < gend) load_chunk(ca, c + 2 * U);
-    compute_chunk(cb);
+    compute_chunk(cb, c + U);
   }
   // Cross-warp reduction through the (no longer needed) decode table: one row tile at a time,
   // warps x NT x 32 lanes x 4 floats <= 32 KB (the launcher keeps warps * NT <= 64).

@@ -175,6 +175,9 @@ TILED_MAX_TOKENS = 128
 TOKEN_TILES = (8, 16, 32)
 ROW_TILES = (16, 32, 64)
 FEW_WARPS = (4, 8)
+# Groups per warp from which the kernel takes chunks of 4 groups (kLongChunkMinGroups in
+# csrc/matmul.cu; one token tile of 16 rows).
+LONG_CHUNK_MIN_GROUPS = 32
 
 
 def fused_matmul_supported(A: torch.Tensor, blocksize: int, out_features: int, in_features: int) -> bool:
@@ -200,24 +203,25 @@ def matmul_config(tokens: int, out_features: int, in_features: int, sms: int) ->
     """(token_tile, rows_per_cta, warps) for the fused kernel, from the H100 sweep
     (``python -m bench.bench_matmul --sweep --cuda``, bench/RESULTS.md):
 
-    - 1-8 tokens: 16 rows per CTA; warps (which split K) as many as keep about 2048 warps in the
-      grid, at least 4;
-    - 9-16 tokens: 32 rows and 8 warps on weights of more than 8192 rows, else 16 rows and 4 warps;
-    - more: 32 rows per CTA, 8 warps up to 32 tokens and 4 above (one token tile, or several).
+    - up to 16 tokens: 16 rows per CTA; warps (which split K) as many as keep about 2048 warps in
+      the grid, at least 4; with one token tile, 4 warps wherever that gives each 32 or more
+      64-wide groups (the kernel then takes chunks of 4 groups: 4096x14336 and 28672x8192);
+    - more: 32 rows per CTA, 8 warps up to 32 tokens and 4 above (several token tiles).
 
-    In every case no more warps than leave each one two 64-wide groups."""
+    In every case no more warps than leave each one two groups."""
     token_tile = next((t for t in TOKEN_TILES if tokens <= t), TOKEN_TILES[-1])
-    if token_tile == 8:
+    groups = in_features // 64
+    if token_tile == TOKEN_TILES[-1]:
+        rows, warps = 32, (8 if tokens <= token_tile else 4)
+    else:
         rows = ROW_TILES[0]
         ctas = -(-out_features // rows) * -(-tokens // token_tile)
         warps = FEW_WARPS[-1]
         while warps > 4 and ctas * warps > 2048:
             warps //= 2
-    elif token_tile == 16:
-        rows, warps = (32, 8) if out_features > 8192 else (16, 4)
-    else:
-        rows, warps = 32, (8 if tokens <= token_tile else 4)
-    while warps > 1 and in_features // 64 < 2 * warps:
+        if token_tile == TOKEN_TILES[0] and groups >= LONG_CHUNK_MIN_GROUPS * 4:
+            warps = 4
+    while warps > 1 and groups < 2 * warps:
         warps //= 2
     warps = min(warps, 64 // (token_tile // 8))
     return token_tile, rows, warps
