@@ -206,13 +206,7 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
     }
   };
 
-  float acc[R][NT][4];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.0f;
+  float acc[R][NT][4] = {};
 
   auto compute_chunk = [&](const Chunk& b, int c) {
     uint4 x_now[kXInChunk ? 1 : U][NT][2];
@@ -239,11 +233,7 @@ __global__ void __launch_bounds__(kMaxThreads) matmul_kernel(
           const int sidx = (2 * r + h) * U + u;  // compile-time: source lane and slot
           scale[h] = __shfl_sync(0xffffffffu, mine[sidx / 4], (lane & ~3) | (sidx % 4));
         }
-        float part[NT][4];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) part[nt][i] = 0.0f;
+        float part[NT][4] = {};
         const uint2& w0 = b.w[u][r][0];
         const uint2& w1 = b.w[u][r][1];
 #pragma unroll

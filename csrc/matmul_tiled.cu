@@ -164,13 +164,7 @@ __global__ void __launch_bounds__(kThreads) tiled_kernel(
     for (int i = tid; i < 256; i += kThreads) s_code[i] = nested_code[i];
   }
 
-  float acc[R][NT][4];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.0f;
+  float acc[R][NT][4] = {};
 
   for (int s = 0; s < stages; ++s) {
     cp_async_wait<Cfg::kStages - 2>();  // stage s has landed (for this thread's copies) ...
