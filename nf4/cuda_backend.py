@@ -212,15 +212,15 @@ def matmul_config(tokens: int, out_features: int, in_features: int, sms: int) ->
     token_tile = next((t for t in TOKEN_TILES if tokens <= t), TOKEN_TILES[-1])
     groups = in_features // 64
     if token_tile == TOKEN_TILES[-1]:
-        rows, warps = 32, (8 if tokens <= token_tile else 4)
+        rows, warps = ROW_TILES[1], (FEW_WARPS[-1] if tokens <= token_tile else FEW_WARPS[0])
     else:
         rows = ROW_TILES[0]
         ctas = -(-out_features // rows) * -(-tokens // token_tile)
         warps = FEW_WARPS[-1]
         while warps > 4 and ctas * warps > 2048:
             warps //= 2
-        if token_tile == TOKEN_TILES[0] and groups >= LONG_CHUNK_MIN_GROUPS * 4:
-            warps = 4
+        if token_tile == TOKEN_TILES[0] and groups >= LONG_CHUNK_MIN_GROUPS * FEW_WARPS[0]:
+            warps = FEW_WARPS[0]
     while warps > 1 and groups < 2 * warps:
         warps //= 2
     warps = min(warps, 64 // (token_tile // 8))
