@@ -173,13 +173,22 @@ def sweep_cuda_configs(tokens: int):
         out += [("tiled", cfg) for cfg in cb.tiled_configs()]
         if cb.wgmma_available(torch.device("cuda")):
             out += [("wgmma", cfg) for cfg in cb.WGMMA_CONFIGS]
+    if tokens >= 128:
+        out.append(("dequant", None))
     return out
 
 
 def run_sweep_cuda(only_tokens) -> None:
-    """Time every tile configuration of the CUDA fused kernels (csrc/matmul.cu, matmul_tiled.cu)."""
+    """Time every tile configuration of the CUDA fused kernels (csrc/matmul.cu, matmul_tiled.cu,
+    matmul_wgmma.cu), and dequantization + cuBLAS from 128 tokens."""
     cb = importlib.import_module("nf4.cuda_backend")
-    kernels = {"few": cb.fused_matmul, "tiled": cb.tiled_matmul, "wgmma": cb.wgmma_matmul}
+    def dequant(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+                out_f, in_f, bias, config=None):
+        W = cb.dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                          quant_type, (out_f, in_f), x.dtype)
+        return F.linear(x, W, bias)
+
+    kernels = {"few": cb.fused_matmul, "tiled": cb.tiled_matmul, "wgmma": cb.wgmma_matmul, "dequant": dequant}
     lines = []
     for out_f, in_f in BENCH_SHAPES:
         W, packed, state = quantized(out_f, in_f)
@@ -206,7 +215,7 @@ def run_sweep_cuda(only_tokens) -> None:
         torch.cuda.empty_cache()
     write_section("matmul_sweep_cuda", "\n".join(["## CUDA fused matmul config sweep (tuning, not a result)",
                                                     stamp(), "few: (token_tile, rows_per_cta, warps); "
-                                                    "tiled: (row_tiles, token_tiles, k_warps); wgmma: (token_chunks, k_groups)", "```",
+                                                    "tiled: (row_tiles, token_tiles, k_warps); wgmma: (token_chunks, k_split); dequant: dequantize + cuBLAS", "```",
                                                     *lines, "```"]))
 
 

@@ -33,7 +33,7 @@ Status launch_matmul_wgmma(const void* x, int dtype, int64_t M, int64_t N, int64
                            int64_t blocksize, const void* absmax, bool nested, const float* nested_absmax,
                            const float* nested_code, const float* offset, int64_t nested_blocksize,
                            const void* bias, void* y, const DecodeTable& table, int token_chunks,
-                           int k_groups, int device, cudaStream_t stream);
+                           int k_split, int device, cudaStream_t stream);
 Status launch_matmul_tiled(const void* x, int dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
                            int64_t blocksize, const void* absmax, bool nested, const float* nested_absmax,
                            const float* nested_code, const float* offset, int64_t nested_blocksize,
@@ -221,20 +221,20 @@ PYBIND11_MODULE(_C, m) {
         [](std::uintptr_t x, int dtype, int64_t m, int64_t n, int64_t k, std::uintptr_t packed, int64_t blocksize,
            std::uintptr_t absmax, bool nested, std::uintptr_t nested_absmax, std::uintptr_t nested_code,
            std::uintptr_t offset, int64_t nested_blocksize, std::uintptr_t bias, std::uintptr_t y,
-           const DecodeTable& table, int token_chunks, int k_groups, int device, std::uintptr_t stream) {
+           const DecodeTable& table, int token_chunks, int k_split, int device, std::uintptr_t stream) {
           return launch_matmul_wgmma(ptr<const void>(x), dtype, m, n, k, ptr<const uint8_t>(packed), blocksize,
                                      ptr<const void>(absmax), nested, ptr<const float>(nested_absmax),
                                      ptr<const float>(nested_code), ptr<const float>(offset), nested_blocksize,
-                                     ptr<const void>(bias), ptr<void>(y), table, token_chunks, k_groups, device,
+                                     ptr<const void>(bias), ptr<void>(y), table, token_chunks, k_split, device,
                                      stream_of(stream));
         },
         "Fused 4-bit matmul on Hopper (wgmma, sm_90a builds only): same arguments as matmul, tiles as "
-        "token_chunks (64 tokens each) in {1, 2} and k_groups (warpgroups along K) in {1, 2}.",
+        "token_chunks (64 tokens each) in {1, 2} and k_split (CTAs along K, one cluster) in {1, 2, 4}.",
         pybind11::arg("x"), pybind11::arg("dtype"), pybind11::arg("m"), pybind11::arg("n"), pybind11::arg("k"),
         pybind11::arg("packed"), pybind11::arg("blocksize"), pybind11::arg("absmax"), pybind11::arg("nested"),
         pybind11::arg("nested_absmax"), pybind11::arg("nested_code"), pybind11::arg("offset"),
         pybind11::arg("nested_blocksize"), pybind11::arg("bias"), pybind11::arg("y"), pybind11::arg("table"),
-        pybind11::arg("token_chunks"), pybind11::arg("k_groups"), pybind11::arg("device"), pybind11::arg("stream"));
+        pybind11::arg("token_chunks"), pybind11::arg("k_split"), pybind11::arg("device"), pybind11::arg("stream"));
   m.def("wgmma_available", &wgmma_available, pybind11::arg("device"),
         "Whether matmul_wgmma runs on this device (compute capability 9.0 and sm_90a code built).");
 

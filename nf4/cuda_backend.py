@@ -264,9 +264,11 @@ def tiled_config(tokens: int, out_features: int, in_features: int, sms: int) -> 
 
 
 # The Hopper kernel of csrc/matmul_wgmma.cu (wgmma, sm_90a builds on compute capability 9.0):
-# (token_chunks of 64 tokens per CTA, warpgroups along K). Tested, but not on the automatic path:
-# on the H100 it was no faster than the tiled kernel (its Note says what it lacks).
-WGMMA_CONFIGS = ((1, 1), (1, 2), (2, 1), (2, 2))
+# (token_chunks of 64 tokens per CTA, k_split CTAs along K in a thread-block cluster). A CTA holds
+# 128 output rows.
+WGMMA_TOKEN_CHUNKS = (1, 2)
+WGMMA_SPLITS = (1, 2, 4)
+WGMMA_CONFIGS = tuple((c, s) for c in WGMMA_TOKEN_CHUNKS for s in WGMMA_SPLITS)
 _WGMMA: dict[int, bool] = {}
 
 
@@ -279,11 +281,20 @@ def wgmma_available(device: torch.device) -> bool:
 
 
 def wgmma_config(tokens: int, out_features: int, in_features: int, sms: int) -> tuple[int, int]:
-    """(token_chunks, k_groups): 128 tokens per CTA above 64 tokens; warpgroups along K when rows
-    alone would leave SMs without a CTA (a CTA holds 128 rows, or 64 with k_groups 2)."""
-    chunks = 2 if tokens > 64 else 1
+    """(token_chunks, k_split): 128 tokens per CTA above 64 tokens; CTAs along K while rows and
+    token tiles alone would leave more than a fifth of the SMs without a CTA, as long as each CTA
+    keeps 4 stages (8 groups of 64) or more."""
+    chunks = WGMMA_TOKEN_CHUNKS[-1] if tokens > 64 else WGMMA_TOKEN_CHUNKS[0]
     ctas = -(-tokens // (64 * chunks)) * -(-out_features // 128)
-    return chunks, (2 if ctas < sms else 1)
+    stages = -(-in_features // 128)
+    split = WGMMA_SPLITS[0]
+    for s in WGMMA_SPLITS:
+        if stages // s < 4:
+            break
+        split = s
+        if 5 * ctas * s >= 4 * sms:
+            break
+    return chunks, split
 
 
 def _launch_fused(kernel, A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
@@ -300,7 +311,7 @@ def _launch_fused(kernel, A, packed, absmax, nested_absmax, nested_code, offset,
     if x.data_ptr() % 16:  # a view at an odd offset: the kernels load 16 bytes at a time
         x = x.clone()
     packed = packed.contiguous()
-    if packed.data_ptr() % 8:
+    if packed.data_ptr() % 16:  # the kernels read 8 bytes at a time, the wgmma kernel's TMA 16
         packed = packed.clone()
     nested = nested_absmax is not None
     keep, (absmax_p, nested_p, code_p, offset_p) = _state_pointers(absmax, nested_absmax, nested_code, offset)
@@ -340,7 +351,7 @@ def tiled_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksiz
 def wgmma_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                  quant_type, out_features, in_features, bias, config=None):
     """``A @ W.T + bias`` by the Hopper kernel (callers check ``fused_matmul_supported`` and
-    ``wgmma_available``). ``config``: (token_chunks, k_groups), default ``wgmma_config``'s."""
+    ``wgmma_available``). ``config``: (token_chunks, k_split), default ``wgmma_config``'s."""
     tokens = A.numel() // in_features
     config = config or wgmma_config(tokens, out_features, in_features, _sm_count(A.device))
     return _launch_fused(_C.matmul_wgmma, A, packed, absmax, nested_absmax, nested_code, offset, blocksize,

@@ -263,15 +263,18 @@ def _need_wgmma():
 
 @gpu
 @pytest.mark.parametrize("config", cuda_backend.WGMMA_CONFIGS, ids=str)
-def test_every_wgmma_config(config):
+@pytest.mark.parametrize("groups", [11, 2, 1], ids=lambda g: f"K=64*{g}")
+def test_every_wgmma_config(config, groups):
     _need_wgmma()
-    # 200 rows (no CTA row count divides it), K = 64 * 11 (odd: the second warpgroup along K
-    # gets one group less), tokens below, at and past one CTA's tokens.
-    packed, state = _weight(200, 64 * 11)
+    # 200 rows (the CTA's 128 do not divide it); K = 64 * 11: an odd group count (the last stage
+    # holds one group), 6 stages split unevenly across 2 or 4 CTAs; K = 128 and 64: one stage,
+    # so that with k_split > 1 some CTAs of the cluster have no stage and add zeros.
+    K = 64 * groups
+    packed, state = _weight(200, K)
     W32 = fp32_weight(packed, state)
     bias = _x(1, 200, torch.bfloat16, seed=5).reshape(-1)
     for tokens in (1, 33, 64 * config[0], 64 * config[0] + 5):
-        x = _x(tokens, 64 * 11, torch.bfloat16)
+        x = _x(tokens, K, torch.bfloat16)
         y = cuda_backend.wgmma_matmul(x, *_args(packed, state), bias, config=config)
         check(y, x, W32, bias)
         _exact_check(y, x, packed, state, bias)
@@ -315,7 +318,7 @@ def test_wgmma_refusals():
         with pytest.raises(RuntimeError, match="UNSUPPORTED_DEVICE"):
             cuda_backend.wgmma_matmul(x, *_args(packed, state), None, config=(1, 1))
         return
-    for config in [(3, 1), (1, 3), (0, 1), (4, 2)]:
+    for config in [(3, 1), (1, 3), (0, 1), (4, 2), (1, 8), (2, 0)]:
         with pytest.raises(RuntimeError, match="BAD_SIZE"):
             cuda_backend.wgmma_matmul(x, *_args(packed, state), None, config=config)
 
