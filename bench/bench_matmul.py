@@ -75,8 +75,12 @@ def auto_route() -> str:
         cb = importlib.import_module("nf4.cuda_backend")
     except ImportError:
         return "Triton's matmul (the CUDA extension is not built)"
+    hopper = cb.wgmma_available(torch.device("cuda"))
+    middle = (f"the CUDA wgmma kernel up to {cb.WGMMA_MAX_TOKENS}" if hopper
+              else f"the CUDA tiled kernel up to {cb.TILED_MAX_TOKENS}")
+    top = cb.WGMMA_MAX_TOKENS if hopper else cb.TILED_MAX_TOKENS
     return (f"the CUDA few-token kernel up to {cb.FUSED_MAX_TOKENS} tokens ({cb.FEW_MAX_TOKENS_NARROW} below "
-            f"{cb.TILED_MIN_ROWS} rows), the CUDA tiled kernel up to {cb.TILED_MAX_TOKENS}, Triton's matmul above")
+            f"{cb.TILED_MIN_ROWS} rows), {middle}, Triton's matmul above {top}")
 
 
 def harness_floor_ms() -> float:
@@ -199,10 +203,9 @@ def run_sweep_cuda(only_tokens) -> None:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
             base = timed(lambda: F.linear(x, W))
             sms = cb._sm_count(x.device)
-            if cb.few_token_kernel_preferred(tokens, out_f):
-                chosen = f"few {cb.matmul_config(tokens, out_f, in_f, sms)}"
-            else:
-                chosen = f"tiled {cb.tiled_config(tokens, out_f, in_f, sms)}"
+            kernel = cb.fused_kernel(tokens, out_f, x.device)
+            configs = {"few": cb.matmul_config, "wgmma": cb.wgmma_config, "tiled": cb.tiled_config}
+            chosen = f"{kernel} {configs[kernel](tokens, out_f, in_f, sms)}" if kernel else "dequant None"
             results = []
             for name, cfg in sweep_cuda_configs(tokens):
                 ms = bench_ms(graphed(lambda: kernels[name](x, *args, config=cfg)))[0]

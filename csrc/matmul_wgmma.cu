@@ -8,20 +8,29 @@
 //     Two warpgroups (256 threads), 128 output rows: warpgroup w owns rows 64w to 64w + 63 (warp
 //     q of the group: rows 16q to 16q + 15, the m16 layout of mma.sync) and all 64 * NB tokens of
 //     the CTA: NB wgmma m64n64k16 per 16 k, accumulators 32 * NB fp32 per thread. A stage is two
-//     64-wide groups of K: x for the CTA's tokens and the CTA's weight rows, copied by cp.async
-//     (kStages buffers), and the two groups' block scales, computed one stage ahead into shared
-//     memory from absmax values loaded one stage before that (the scale loads come from HBM and
-//     a stage's products are shorter than their latency: with the scales loaded where they were
-//     used, ncu showed them as the top stall).
+//     64-wide groups of K: x for the CTA's tokens and the CTA's weight rows (kStages buffers).
+//
+// Note: copies by TMA.
+//     Thread 0 copies a stage with four TMA boxes (per group: x as 64 k x the CTA's tokens, the
+//     weight as 32 bytes x 128 rows) that complete on the buffer's mbarrier; boxes reaching past
+//     M, N or K arrive zero-filled, so no thread computes a copy address or a bound. (With every
+//     thread issuing 10 cp.async per stage, ncu on the H100 showed 40% of the stall samples as
+//     long-scoreboard waits: cp.async address registers held behind a full load queue, and absmax
+//     loads used one stage after they were issued; the kernel ran at 1.5-1.8x bf16 at 128 tokens
+//     instead of 0.84-1.14x.) Block scales are computed by chunks of kChunkStages stages into
+//     shared memory, from absmax values loaded a whole chunk earlier.
 //
 // Note: decode overlapped with the products.
 //     A warpgroup holds two A register sets. It issues group i's 4 * NB wgmma from one set,
 //     commits, waits until group i - 1's have completed (wgmma.wait_group 1), then decodes group
-//     i + 1 into the other set while group i's products run. Between stages every thread waits
-//     for the next stage's copies, fences (cp.async writes through the generic proxy, wgmma reads
-//     through the async one) and meets the others at one barrier, after which the buffer of the
-//     stage before the current one is free (its products completed before the barrier) and is
-//     refilled: kStages - 2 stages are in flight while one is computed.
+//     i + 1 into the other set while group i's products run. Between stages every thread meets
+//     the others at one barrier, after which the buffer of the stage before the current one is
+//     free (its products completed before the barrier) and thread 0 refills it, then waits on the
+//     next stage's mbarrier: kStages - 2 stages are in flight while one is computed. Tried and
+//     slower on the H100 (5-20%): a third register set so that decode runs two groups ahead. It
+//     needs the loop unrolled by three without early exits (a register copy between the sets, or
+//     accumulators defined on several paths, make ptxas serialize the wgmma pipeline), and the
+//     padding groups' predicated wgmma made ptxas insert a warpgroup.arrive before every wgmma.
 //
 // Note: split K across a cluster.
 //     A 4096-row weight has 32 row tiles: too few CTAs for 132 SMs. The launch groups k_split
@@ -31,9 +40,10 @@
 //     shared memory, in rank order: deterministic) and stores it. No workspace, no second launch.
 //
 // Note: x in shared memory.
-//     wgmma reads B (K-major, no swizzle) as core matrices of 8 tokens x 8 k (16-byte rows, 128
-//     bytes each); a k16 step takes two of them along k (LBO apart) per 8 tokens (SBO apart).
-//     x keeps its k order, so each 16-byte piece of an x row is one cp.async to its core matrix.
+//     The TMA writes a token's 64 k of a group as one 128-byte row with the 128-byte swizzle (the
+//     16-byte pieces of row r permuted by r % 8), the layout wgmma reads as a K-major operand with
+//     that swizzle mode: 8-row core-matrix groups 1024 bytes apart, a k16 step 32 bytes into the
+//     rows. Each token's row is one full 128-byte line of x, read once from L2.
 //
 // Note: the weight bytes.
 //     In k order, the A fragment of step j gives lane t of a quad k 16j + 2t, 2t + 1 (packed
@@ -411,13 +421,20 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(
   const int u_beg = kUnits * rank / split;
   const int u_end = kUnits * (rank + 1) / split;
   for (int u = u_beg + tid; u < u_end; u += kThreads) {
-    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int r = 0; r < split; ++r) {
-      const float4 v = cluster.map_shared_rank(part, r)[u];
-      sum.x += v.x;
-      sum.y += v.y;
-      sum.z += v.z;
-      sum.w += v.w;
+    float4 v[kMaxSplit];  // all remote loads first, then the sum in rank order
+#pragma unroll
+    for (int r = 0; r < kMaxSplit; ++r) {
+      if (r < split) v[r] = cluster.map_shared_rank(part, r)[u];
+    }
+    float4 sum = v[0];
+#pragma unroll
+    for (int r = 1; r < kMaxSplit; ++r) {
+      if (r < split) {
+        sum.x += v[r].x;
+        sum.y += v[r].y;
+        sum.z += v[r].z;
+        sum.w += v[r].w;
+      }
     }
     const int owner = u % kThreads;
     const int c = u / kThreads / 8;

@@ -105,10 +105,19 @@ __device__ __forceinline__ float level(const DecodeTable& table, int i) {
   return v;
 }
 
+// With 256 threads, thread tid writes entries tid + 256k (k = 0..15): byte 16k + tid / 16, whose
+// high nibble is k and low nibble tid / 16, so each thread selects one level, not two per entry.
 __device__ __forceinline__ void fill_f32_table(unsigned char* s_lut, const DecodeTable& table, int tid, int threads) {
+  float2* lut = reinterpret_cast<float2*>(s_lut);
+  if (threads == 256) {
+    const float lo = level(table, tid >> 4);
+#pragma unroll
+    for (int k = 0; k < 16; ++k) lut[tid + 256 * k] = make_float2(table.levels[k], lo);
+    return;
+  }
   for (int i = tid; i < 256 * kF32LutCopies; i += threads) {
     const int b = i / kF32LutCopies;
-    reinterpret_cast<float2*>(s_lut)[i] = make_float2(level(table, b >> 4), level(table, b & 15));
+    lut[i] = make_float2(level(table, b >> 4), level(table, b & 15));
   }
 }
 

@@ -156,19 +156,22 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Option
 
 # Tokens up to which ``matmul`` runs the few-token kernel of csrc/matmul.cu (one read of the
 # packed weight, decoded in registers, tensor-core products; it reads the weight once per 32
-# tokens). Up to TILED_MAX_TOKENS it runs the tiled mma.sync kernel of csrc/matmul_tiled.cu (x
-# shared by 8 warps through shared memory), except that up to FEW_MAX_TOKENS_NARROW tokens the
-# few-token kernel stays on weights of fewer than TILED_MIN_ROWS rows (too few CTAs for the tiled
-# kernel). Above TILED_MAX_TOKENS: dequantization and cuBLAS. All from the H100 sweeps
-# (``python -m bench.bench_matmul --sweep --cuda``, bench/RESULTS.md): at 64 tokens the tiled
-# kernel beat the few-token one on 14336 and 28672 rows (1.08x / 1.17x bf16 against 1.35x /
-# 1.26x) and lost on 4096 rows (0.99x and 0.92x for the few-token kernel); at 128 tokens it beat
-# Triton's matmul on all four Llama shapes (1.43-1.79x against 1.68-2.17x); at 256 and 512 it
-# lost to dequantization + cuBLAS.
+# tokens), and up to FEW_MAX_TOKENS_NARROW on weights of fewer than TILED_MIN_ROWS rows. Above
+# that, up to WGMMA_MAX_TOKENS, the Hopper kernel of csrc/matmul_wgmma.cu where it runs (TMA
+# copies, wgmma), elsewhere the tiled mma.sync kernel of csrc/matmul_tiled.cu up to
+# TILED_MAX_TOKENS. Above: dequantization and cuBLAS. All from the H100 sweeps (``python -m
+# bench.bench_matmul --sweep --cuda``, bench/RESULTS.md): at 64 tokens the wgmma kernel beat the
+# few-token one on 14336 and 28672 rows (0.73x / 0.82x bf16 against 1.33x / 1.26x) and lost on
+# 4096 rows (1.21x / 1.10x against 1.00x / 0.92x); at 128 tokens it beat the tiled kernel on all
+# four Llama shapes (0.86-1.17x against 1.46-1.75x); at 512 it lost to dequantization + cuBLAS.
+# (Without wgmma: at 64 tokens the tiled kernel beat the few-token one on 14336 and 28672 rows
+# and lost on 4096; at 128 it beat Triton's matmul on all four shapes; at 256 and 512 it lost to
+# dequantization + cuBLAS.)
 FUSED_MAX_TOKENS = 32
 FEW_MAX_TOKENS_NARROW = 64
 TILED_MIN_ROWS = 8192
 TILED_MAX_TOKENS = 128
+WGMMA_MAX_TOKENS = 256
 # The kernel's tile choices: tokens per CTA (8, 16, 32), output rows per CTA (16, 32, 64; 64 only
 # with token tiles up to 16) and warps per CTA (they split K; at most 8, the kernel's launch
 # bound, and warps * token_tile / 8 <= 64). FEW_WARPS: the warp counts the sweep tries.
@@ -228,9 +231,21 @@ def matmul_config(tokens: int, out_features: int, in_features: int, sms: int) ->
 
 
 def few_token_kernel_preferred(tokens: int, out_features: int) -> bool:
-    """Whether ``matmul`` runs the few-token kernel rather than the tiled one (see the thresholds
-    above; for batches up to TILED_MAX_TOKENS)."""
+    """Whether ``matmul`` runs the few-token kernel rather than the tiled or wgmma one (see the
+    thresholds above)."""
     return tokens <= FUSED_MAX_TOKENS or (tokens <= FEW_MAX_TOKENS_NARROW and out_features < TILED_MIN_ROWS)
+
+
+def fused_kernel(tokens: int, out_features: int, device: torch.device) -> Optional[str]:
+    """The fused kernel ``matmul`` runs for this many tokens on ``device`` ("few", "wgmma" or
+    "tiled"), or None for dequantization + cuBLAS (callers check ``fused_matmul_supported``)."""
+    if few_token_kernel_preferred(tokens, out_features):
+        return "few"
+    if tokens <= WGMMA_MAX_TOKENS and wgmma_available(device):
+        return "wgmma"
+    if tokens <= TILED_MAX_TOKENS:
+        return "tiled"
+    return None
 
 
 # The tiled kernel of csrc/matmul_tiled.cu for mid-size batches: x staged in shared memory and
@@ -281,20 +296,22 @@ def wgmma_available(device: torch.device) -> bool:
 
 
 def wgmma_config(tokens: int, out_features: int, in_features: int, sms: int) -> tuple[int, int]:
-    """(token_chunks, k_split): 128 tokens per CTA above 64 tokens; CTAs along K while rows and
-    token tiles alone would leave more than a fifth of the SMs without a CTA, as long as each CTA
-    keeps 4 stages (8 groups of 64) or more."""
-    chunks = WGMMA_TOKEN_CHUNKS[-1] if tokens > 64 else WGMMA_TOKEN_CHUNKS[0]
-    ctas = -(-tokens // (64 * chunks)) * -(-out_features // 128)
-    stages = -(-in_features // 128)
-    split = WGMMA_SPLITS[0]
-    for s in WGMMA_SPLITS:
-        if stages // s < 4:
-            break
-        split = s
-        if 5 * ctas * s >= 4 * sms:
-            break
-    return chunks, split
+    """(token_chunks, k_split), from the H100 sweep (bench/RESULTS.md): two CTAs along K where
+    the tiles alone would leave more than half of the SMs idle (and each CTA still gets 8 stages
+    of 2 groups); 128 tokens per CTA above 64 tokens where that, split or not, gives the SMs four
+    fifths of a wave or more, else 64. At 64, 128 and 256 tokens that picked the fastest
+    configuration on all four Llama shapes (four CTAs along K never won)."""
+    row_tiles = -(-out_features // 128)
+    can_split = in_features // 128 >= 2 * 8
+
+    def split_for(ctas: int) -> int:
+        return 2 if can_split and 2 * ctas <= sms else 1
+
+    wide = -(-tokens // 128) * row_tiles
+    if tokens > 64 and 5 * wide * split_for(wide) >= 4 * sms:
+        return WGMMA_TOKEN_CHUNKS[-1], split_for(wide)
+    narrow = -(-tokens // 64) * row_tiles
+    return WGMMA_TOKEN_CHUNKS[0], split_for(narrow)
 
 
 def _launch_fused(kernel, A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
@@ -361,16 +378,19 @@ def wgmma_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksiz
 def matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
            quant_type, out_features, in_features, bias):
     """``A @ W.T + bias``: for fp16/bf16 shapes the fused kernels take (``fused_matmul_supported``)
-    the few-token kernel up to ``FUSED_MAX_TOKENS`` tokens (``FEW_MAX_TOKENS_NARROW`` on weights
-    of fewer than ``TILED_MIN_ROWS`` rows), then the tiled kernel up to ``TILED_MAX_TOKENS``.
-    Otherwise the Triton backend's matmul when it is installed and no
-    backend was forced, else this backend's dequantize and cuBLAS through F.linear."""
+    the kernel ``fused_kernel`` names: the few-token kernel up to ``FUSED_MAX_TOKENS`` tokens
+    (``FEW_MAX_TOKENS_NARROW`` on weights of fewer than ``TILED_MIN_ROWS`` rows), then the wgmma
+    kernel up to ``WGMMA_MAX_TOKENS`` on Hopper, else the tiled kernel up to ``TILED_MAX_TOKENS``.
+    Otherwise the Triton backend's matmul when it is installed and no backend was forced, else
+    this backend's dequantize and cuBLAS through F.linear."""
     _require_cuda(A, "A")
     tokens = A.numel() // in_features
     args = (A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
             quant_type, out_features, in_features, bias)
-    if tokens <= TILED_MAX_TOKENS and fused_matmul_supported(A, blocksize, out_features, in_features):
-        return fused_matmul(*args) if few_token_kernel_preferred(tokens, out_features) else tiled_matmul(*args)
+    kernel = fused_kernel(tokens, out_features, A.device) if fused_matmul_supported(
+        A, blocksize, out_features, in_features) else None
+    if kernel is not None:
+        return {"few": fused_matmul, "wgmma": wgmma_matmul, "tiled": tiled_matmul}[kernel](*args)
     if backends.get_backend() is None and backends.supports("triton", A.device):
         return backends._load("triton").matmul(*args)
     W = dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,

@@ -158,9 +158,9 @@ def test_fused_path_is_the_cuda_backends_few_token_matmul():
 @pytest.mark.parametrize("tokens", [1, 32, 33, 64, 65, 128, 129, 200])
 def test_automatic_choice_across_the_token_threshold(tokens, rows):
     """Auto backend: the few-token kernel up to FUSED_MAX_TOKENS (FEW_MAX_TOKENS_NARROW below
-    TILED_MIN_ROWS rows), the tiled kernel up to TILED_MAX_TOKENS, Triton's matmul (or
-    dequantize + cuBLAS without Triton) above; with the cuda backend forced, dequantize +
-    cuBLAS above."""
+    TILED_MIN_ROWS rows), the wgmma kernel up to WGMMA_MAX_TOKENS on Hopper (else the tiled
+    kernel up to TILED_MAX_TOKENS), Triton's matmul (or dequantize + cuBLAS without Triton)
+    above; with the cuda backend forced, dequantize + cuBLAS above."""
     packed, state = _weight(rows, 1024)
     W32 = fp32_weight(packed, state)
     x = _x(tokens, 1024, torch.bfloat16)
@@ -171,6 +171,26 @@ def test_automatic_choice_across_the_token_threshold(tokens, rows):
         check(nf4.matmul_4bit(x, packed.t(), state), x, W32)
     finally:
         nf4.set_backend(None)
+
+
+def test_fused_kernel_routing(monkeypatch):
+    """Which fused kernel ``matmul`` runs, with and without the wgmma kernel."""
+    for hopper in (True, False):
+        monkeypatch.setattr(cuda_backend, "wgmma_available", lambda device, h=hopper: h)
+        middle = "wgmma" if hopper else "tiled"
+        top = cuda_backend.WGMMA_MAX_TOKENS if hopper else cuda_backend.TILED_MAX_TOKENS
+        for rows in (4096, 14336):
+            narrow = rows < cuda_backend.TILED_MIN_ROWS
+            for tokens in (1, cuda_backend.FUSED_MAX_TOKENS, cuda_backend.FUSED_MAX_TOKENS + 1,
+                           cuda_backend.FEW_MAX_TOKENS_NARROW, cuda_backend.FEW_MAX_TOKENS_NARROW + 1,
+                           top, top + 1):
+                got = cuda_backend.fused_kernel(tokens, rows, torch.device("cuda", 0))
+                if tokens <= cuda_backend.FUSED_MAX_TOKENS or (narrow and tokens <= cuda_backend.FEW_MAX_TOKENS_NARROW):
+                    assert got == "few"
+                elif tokens <= top:
+                    assert got == middle
+                else:
+                    assert got is None
 
 
 # --- the tiled kernel (csrc/matmul_tiled.cu) ---
@@ -324,7 +344,7 @@ def test_wgmma_refusals():
 
 
 def test_wgmma_heuristic_picks_built_configs():
-    for tokens in range(cuda_backend.FUSED_MAX_TOKENS + 1, cuda_backend.TILED_MAX_TOKENS + 1, 7):
+    for tokens in range(cuda_backend.FUSED_MAX_TOKENS + 1, 4 * cuda_backend.WGMMA_MAX_TOKENS + 1, 7):
         for out_f, in_f in [(64, 64), (4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]:
             for sms in (1, 132):
                 assert cuda_backend.wgmma_config(tokens, out_f, in_f, sms) in cuda_backend.WGMMA_CONFIGS
