@@ -186,13 +186,7 @@ def run_sweep_cuda(only_tokens) -> None:
     """Time every tile configuration of the CUDA fused kernels (csrc/matmul.cu, matmul_tiled.cu,
     matmul_wgmma.cu), and dequantization + cuBLAS from 128 tokens."""
     cb = importlib.import_module("nf4.cuda_backend")
-    def dequant(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-                out_f, in_f, bias, config=None):
-        W = cb.dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                          quant_type, (out_f, in_f), x.dtype)
-        return F.linear(x, W, bias)
-
-    kernels = {"few": cb.fused_matmul, "tiled": cb.tiled_matmul, "wgmma": cb.wgmma_matmul, "dequant": dequant}
+    kernels = {**cb.FUSED_MATMULS, "dequant": lambda *args, config=None: cb.dequantized_matmul(*args)}
     lines = []
     for out_f, in_f in BENCH_SHAPES:
         W, packed, state = quantized(out_f, in_f)
@@ -204,8 +198,7 @@ def run_sweep_cuda(only_tokens) -> None:
             base = timed(lambda: F.linear(x, W))
             sms = cb._sm_count(x.device)
             kernel = cb.fused_kernel(tokens, out_f, x.device)
-            configs = {"few": cb.matmul_config, "wgmma": cb.wgmma_config, "tiled": cb.tiled_config}
-            chosen = f"{kernel} {configs[kernel](tokens, out_f, in_f, sms)}" if kernel else "dequant None"
+            chosen = f"{kernel} {cb.FUSED_CONFIGS[kernel](tokens, out_f, in_f, sms)}" if kernel else "dequant None"
             results = []
             for name, cfg in sweep_cuda_configs(tokens):
                 ms = bench_ms(graphed(lambda: kernels[name](x, *args, config=cfg)))[0]

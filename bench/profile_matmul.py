@@ -15,7 +15,7 @@ import torch
 import nf4
 from nf4 import cuda_backend as cb
 
-KERNELS = {"few": cb.fused_matmul, "tiled": cb.tiled_matmul, "wgmma": cb.wgmma_matmul}
+KERNELS = cb.FUSED_MATMULS
 
 
 def main() -> None:

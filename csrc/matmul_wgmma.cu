@@ -382,25 +382,28 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(
     for (int i = 0; i < 32; ++i) pin(acc[c][i]);
 
   // Accumulators of m64nNk16 per warp: element 4i + 2h + e of lane (g, t) is row g + 8h, token
-  // 8i + 2t + e of the n64 chunk c.
-  if (split == 1) {
+  // 8i + 2t + e of the n64 chunk c. A float4 of them (4i .. 4i + 3) is rows `row`, row + 8 by
+  // tokens `token`, token + 1: stored (+ bias) where inside M x N.
+  auto store_quad = [&](int64_t row, int64_t token, float4 v) {
+    const float vals[2][2] = {{v.x, v.y}, {v.z, v.w}};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t feature = rbase + local_row + 8 * h;
+      const int64_t feature = row + 8 * h;
       if (feature >= N) continue;
       const float b = bias != nullptr ? Mma<T>::to_float(bias[feature]) : 0.0f;
 #pragma unroll
-      for (int c = 0; c < NB; ++c) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int64_t token = tok0 + 64 * c + 8 * i + 2 * t + e;
-            if (token < M) y[token * N + feature] = Mma<T>::from_float(acc[c][4 * i + 2 * h + e] + b);
-          }
-        }
+      for (int e = 0; e < 2; ++e) {
+        if (token + e < M) y[(token + e) * N + feature] = Mma<T>::from_float(vals[h][e] + b);
       }
     }
+  };
+  if (split == 1) {
+#pragma unroll
+    for (int c = 0; c < NB; ++c)
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        store_quad(rbase + local_row, tok0 + 64 * c + 8 * i + 2 * t,
+                   make_float4(acc[c][4 * i], acc[c][4 * i + 1], acc[c][4 * i + 2], acc[c][4 * i + 3]));
     return;
   }
 
@@ -440,19 +443,8 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(
     const int c = u / kThreads / 8;
     const int i = u / kThreads % 8;
     const int ol = owner & 31;
-    const int64_t row = rbase + (owner >> 7) * 64 + ((owner >> 5) & 3) * 16 + (ol >> 2);
-    const int64_t token = tok0 + 64 * c + 8 * i + 2 * (ol & 3);
-    const float vals[2][2] = {{sum.x, sum.y}, {sum.z, sum.w}};
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t feature = row + 8 * h;
-      if (feature >= N) continue;
-      const float b = bias != nullptr ? Mma<T>::to_float(bias[feature]) : 0.0f;
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        if (token + e < M) y[(token + e) * N + feature] = Mma<T>::from_float(vals[h][e] + b);
-      }
-    }
+    store_quad(rbase + (owner >> 7) * 64 + ((owner >> 5) & 3) * 16 + (ol >> 2), tok0 + 64 * c + 8 * i + 2 * (ol & 3),
+               sum);
   }
   cluster.sync();  // the other CTAs have read this one's partial tile
 #else

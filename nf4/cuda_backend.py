@@ -390,9 +390,20 @@ def matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nes
     kernel = fused_kernel(tokens, out_features, A.device) if fused_matmul_supported(
         A, blocksize, out_features, in_features) else None
     if kernel is not None:
-        return {"few": fused_matmul, "wgmma": wgmma_matmul, "tiled": tiled_matmul}[kernel](*args)
+        return FUSED_MATMULS[kernel](*args)
     if backends.get_backend() is None and backends.supports("triton", A.device):
         return backends._load("triton").matmul(*args)
+    return dequantized_matmul(*args)
+
+
+def dequantized_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                       quant_type, out_features, in_features, bias):
+    """``A @ W.T + bias`` with W dequantized by this backend into A's dtype, then cuBLAS."""
     W = dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                    quant_type, (out_features, in_features), A.dtype)
     return F.linear(A, W, bias)
+
+
+# The fused kernels by the names ``fused_kernel`` returns, and their default configurations.
+FUSED_MATMULS = {"few": fused_matmul, "wgmma": wgmma_matmul, "tiled": tiled_matmul}
+FUSED_CONFIGS = {"few": matmul_config, "wgmma": wgmma_config, "tiled": tiled_config}
