@@ -19,26 +19,17 @@ Status launch_quantize(const void* in, int dtype, int64_t n, int64_t blocksize, 
 Status launch_quantize_absmax(const float* absmax, int64_t blocks, const float* offset,
                               int64_t nested_blocksize, uint8_t* codes, float* nested_absmax,
                               const NestedTable& table, int device, cudaStream_t stream);
-Status launch_dequantize(const uint8_t* packed, int64_t n, int64_t blocksize, const void* absmax,
-                         bool nested, const float* nested_absmax, const float* nested_code,
-                         const float* offset, int64_t nested_blocksize, void* out, int dtype,
-                         const DecodeTable& table, int device, cudaStream_t stream);
-Status launch_matmul(const void* x, int dtype, int64_t M, int64_t N, int64_t K,
-                     const uint8_t* packed, int64_t blocksize, const void* absmax, bool nested,
-                     const float* nested_absmax, const float* nested_code, const float* offset,
-                     int64_t nested_blocksize, const void* bias, void* y, const DecodeTable& table,
+Status launch_dequantize(const QuantWeight& w, void* out, int dtype, int device, cudaStream_t stream);
+Status launch_matmul(const QuantWeight& w, const void* x, int dtype, int64_t M, const void* bias, void* y,
                      int token_tile, int rows_per_cta, int warps, int device, cudaStream_t stream);
 bool wgmma_available(int device);
-Status launch_matmul_wgmma(const void* x, int dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
-                           int64_t blocksize, const void* absmax, bool nested, const float* nested_absmax,
-                           const float* nested_code, const float* offset, int64_t nested_blocksize,
-                           const void* bias, void* y, const DecodeTable& table, int token_chunks,
-                           int k_split, int device, cudaStream_t stream);
-Status launch_matmul_tiled(const void* x, int dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
-                           int64_t blocksize, const void* absmax, bool nested, const float* nested_absmax,
-                           const float* nested_code, const float* offset, int64_t nested_blocksize,
-                           const void* bias, void* y, const DecodeTable& table, int row_tiles,
-                           int token_tiles, int k_warps, int device, cudaStream_t stream);
+Status launch_matmul_wgmma(const QuantWeight& w, const void* x, int dtype, int64_t M, const void* bias, void* y,
+                           int token_chunks, int k_split, int device, cudaStream_t stream);
+Status launch_matmul_tiled(const QuantWeight& w, const void* x, int dtype, int64_t M, const void* bias, void* y,
+                           int row_tiles, int token_tiles, int k_warps, int device, cudaStream_t stream);
+
+// The fused matmul kernels by number, as nf4/cuda_backend.py names them (MATMUL_KERNELS).
+enum MatmulKernel : int { kFewToken = 0, kTiled = 1, kWgmma = 2 };
 
 cudaError_t& last_cuda_error() {
   thread_local cudaError_t err = cudaSuccess;
@@ -161,80 +152,60 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("nested_blocksize"), pybind11::arg("codes"), pybind11::arg("nested_absmax"),
         pybind11::arg("table"), pybind11::arg("device"), pybind11::arg("stream"));
 
+  pybind11::class_<QuantWeight>(m, "QuantWeight")
+      .def(pybind11::init([](std::uintptr_t packed, std::uintptr_t absmax, bool nested, std::uintptr_t nested_absmax,
+                             std::uintptr_t nested_code, std::uintptr_t offset, int64_t blocksize,
+                             int64_t nested_blocksize, int64_t rows, int64_t cols, const DecodeTable& table) {
+             return QuantWeight{ptr<const uint8_t>(packed), ptr<const void>(absmax), nested,
+                                ptr<const float>(nested_absmax), ptr<const float>(nested_code), ptr<const float>(offset),
+                                blocksize, nested ? nested_blocksize : 0, rows, cols, table};
+           }),
+           pybind11::arg("packed"), pybind11::arg("absmax"), pybind11::arg("nested"), pybind11::arg("nested_absmax"),
+           pybind11::arg("nested_code"), pybind11::arg("offset"), pybind11::arg("blocksize"),
+           pybind11::arg("nested_blocksize"), pybind11::arg("rows"), pybind11::arg("cols"), pybind11::arg("table"),
+           "One 4-bit weight's device pointers and sizes (validated by nf4/weight.py), kept per weight.")
+      .def_readonly("rows", &QuantWeight::rows)
+      .def_readonly("cols", &QuantWeight::cols)
+      .def_readonly("blocksize", &QuantWeight::blocksize)
+      .def_readonly("nested", &QuantWeight::nested);
+
   m.def("dequantize",
-        [](std::uintptr_t packed, int64_t n, int64_t blocksize, std::uintptr_t absmax, bool nested,
-           std::uintptr_t nested_absmax, std::uintptr_t nested_code, std::uintptr_t offset,
-           int64_t nested_blocksize, std::uintptr_t out, int dtype, const DecodeTable& table, int device,
-           std::uintptr_t stream) {
-          return launch_dequantize(ptr<const uint8_t>(packed), n, blocksize, ptr<const void>(absmax), nested,
-                                   ptr<const float>(nested_absmax), ptr<const float>(nested_code),
-                                   ptr<const float>(offset), nested_blocksize, ptr<void>(out), dtype, table,
-                                   device, stream_of(stream));
+        [](const QuantWeight& w, std::uintptr_t out, int dtype, int device, std::uintptr_t stream) {
+          return launch_dequantize(w, ptr<void>(out), dtype, device, stream_of(stream));
         },
-        "One-launch dequantization (nested absmax and 4-bit codes together) into out [n].",
-        pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("blocksize"), pybind11::arg("absmax"),
-        pybind11::arg("nested"), pybind11::arg("nested_absmax"), pybind11::arg("nested_code"),
-        pybind11::arg("offset"), pybind11::arg("nested_blocksize"), pybind11::arg("out"),
-        pybind11::arg("dtype"), pybind11::arg("table"), pybind11::arg("device"), pybind11::arg("stream"));
+        "One-launch dequantization (nested absmax and 4-bit codes together) into out [rows * cols].",
+        pybind11::arg("weight"), pybind11::arg("out"), pybind11::arg("dtype"), pybind11::arg("device"),
+        pybind11::arg("stream"));
 
+  m.attr("MATMUL_FEW_TOKEN") = static_cast<int>(kFewToken);
+  m.attr("MATMUL_TILED") = static_cast<int>(kTiled);
+  m.attr("MATMUL_WGMMA") = static_cast<int>(kWgmma);
   m.def("matmul",
-        [](std::uintptr_t x, int dtype, int64_t m, int64_t n, int64_t k, std::uintptr_t packed, int64_t blocksize,
-           std::uintptr_t absmax, bool nested, std::uintptr_t nested_absmax, std::uintptr_t nested_code,
-           std::uintptr_t offset, int64_t nested_blocksize, std::uintptr_t bias, std::uintptr_t y,
-           const DecodeTable& table, int token_tile, int rows_per_cta, int warps, int device, std::uintptr_t stream) {
-          return launch_matmul(ptr<const void>(x), dtype, m, n, k, ptr<const uint8_t>(packed), blocksize,
-                               ptr<const void>(absmax), nested, ptr<const float>(nested_absmax),
-                               ptr<const float>(nested_code), ptr<const float>(offset), nested_blocksize,
-                               ptr<const void>(bias), ptr<void>(y), table, token_tile, rows_per_cta, warps,
-                               device, stream_of(stream));
+        [](const QuantWeight& w, int kernel, int c0, int c1, int c2, std::uintptr_t x, int dtype, int64_t m,
+           std::uintptr_t bias, std::uintptr_t y, int device, std::uintptr_t stream) {
+          switch (kernel) {
+            case kFewToken:
+              return launch_matmul(w, ptr<const void>(x), dtype, m, ptr<const void>(bias), ptr<void>(y), c0, c1, c2,
+                                   device, stream_of(stream));
+            case kTiled:
+              return launch_matmul_tiled(w, ptr<const void>(x), dtype, m, ptr<const void>(bias), ptr<void>(y), c0,
+                                         c1, c2, device, stream_of(stream));
+            case kWgmma:
+              return launch_matmul_wgmma(w, ptr<const void>(x), dtype, m, ptr<const void>(bias), ptr<void>(y), c0,
+                                         c1, device, stream_of(stream));
+            default:
+              return kBadSize;
+          }
         },
-        "Fused 4-bit matmul for few tokens: y [m, n] = x [m, k] @ dequant(W [n, k]).T (+ bias), fp16/bf16.",
-        pybind11::arg("x"), pybind11::arg("dtype"), pybind11::arg("m"), pybind11::arg("n"), pybind11::arg("k"),
-        pybind11::arg("packed"), pybind11::arg("blocksize"), pybind11::arg("absmax"), pybind11::arg("nested"),
-        pybind11::arg("nested_absmax"), pybind11::arg("nested_code"), pybind11::arg("offset"),
-        pybind11::arg("nested_blocksize"), pybind11::arg("bias"), pybind11::arg("y"), pybind11::arg("table"),
-        pybind11::arg("token_tile"), pybind11::arg("rows_per_cta"), pybind11::arg("warps"), pybind11::arg("device"),
-        pybind11::arg("stream"));
-
-  m.def("matmul_tiled",
-        [](std::uintptr_t x, int dtype, int64_t m, int64_t n, int64_t k, std::uintptr_t packed, int64_t blocksize,
-           std::uintptr_t absmax, bool nested, std::uintptr_t nested_absmax, std::uintptr_t nested_code,
-           std::uintptr_t offset, int64_t nested_blocksize, std::uintptr_t bias, std::uintptr_t y,
-           const DecodeTable& table, int row_tiles, int token_tiles, int k_warps, int device, std::uintptr_t stream) {
-          return launch_matmul_tiled(ptr<const void>(x), dtype, m, n, k, ptr<const uint8_t>(packed), blocksize,
-                                     ptr<const void>(absmax), nested, ptr<const float>(nested_absmax),
-                                     ptr<const float>(nested_code), ptr<const float>(offset), nested_blocksize,
-                                     ptr<const void>(bias), ptr<void>(y), table, row_tiles, token_tiles, k_warps,
-                                     device, stream_of(stream));
-        },
-        "Fused 4-bit matmul for tens to hundreds of tokens (x shared through shared memory): same "
-        "arguments as matmul, tiles as (row_tiles, token_tiles) per warp in {(2, 8), (4, 8), (2, 16)} and "
-        "k_warps in {1, 2, 4} (not 4 with token_tiles 16).",
-        pybind11::arg("x"), pybind11::arg("dtype"), pybind11::arg("m"), pybind11::arg("n"), pybind11::arg("k"),
-        pybind11::arg("packed"), pybind11::arg("blocksize"), pybind11::arg("absmax"), pybind11::arg("nested"),
-        pybind11::arg("nested_absmax"), pybind11::arg("nested_code"), pybind11::arg("offset"),
-        pybind11::arg("nested_blocksize"), pybind11::arg("bias"), pybind11::arg("y"), pybind11::arg("table"),
-        pybind11::arg("row_tiles"), pybind11::arg("token_tiles"), pybind11::arg("k_warps"), pybind11::arg("device"),
-        pybind11::arg("stream"));
-
-  m.def("matmul_wgmma",
-        [](std::uintptr_t x, int dtype, int64_t m, int64_t n, int64_t k, std::uintptr_t packed, int64_t blocksize,
-           std::uintptr_t absmax, bool nested, std::uintptr_t nested_absmax, std::uintptr_t nested_code,
-           std::uintptr_t offset, int64_t nested_blocksize, std::uintptr_t bias, std::uintptr_t y,
-           const DecodeTable& table, int token_chunks, int k_split, int device, std::uintptr_t stream) {
-          return launch_matmul_wgmma(ptr<const void>(x), dtype, m, n, k, ptr<const uint8_t>(packed), blocksize,
-                                     ptr<const void>(absmax), nested, ptr<const float>(nested_absmax),
-                                     ptr<const float>(nested_code), ptr<const float>(offset), nested_blocksize,
-                                     ptr<const void>(bias), ptr<void>(y), table, token_chunks, k_split, device,
-                                     stream_of(stream));
-        },
-        "Fused 4-bit matmul on Hopper (wgmma, sm_90a builds only): same arguments as matmul, tiles as "
-        "token_chunks (64 tokens each) in {1, 2} and k_split (CTAs along K, one cluster) in {1, 2, 4}.",
-        pybind11::arg("x"), pybind11::arg("dtype"), pybind11::arg("m"), pybind11::arg("n"), pybind11::arg("k"),
-        pybind11::arg("packed"), pybind11::arg("blocksize"), pybind11::arg("absmax"), pybind11::arg("nested"),
-        pybind11::arg("nested_absmax"), pybind11::arg("nested_code"), pybind11::arg("offset"),
-        pybind11::arg("nested_blocksize"), pybind11::arg("bias"), pybind11::arg("y"), pybind11::arg("table"),
-        pybind11::arg("token_chunks"), pybind11::arg("k_split"), pybind11::arg("device"), pybind11::arg("stream"));
+        "Fused 4-bit matmul, y [m, rows] = x [m, cols] @ dequant(W).T (+ bias), fp16/bf16, by one of the kernels:\n"
+        "  MATMUL_FEW_TOKEN (c0, c1, c2) = (token_tile, rows_per_cta, warps): few tokens;\n"
+        "  MATMUL_TILED (row_tiles, token_tiles, k_warps) with (row_tiles, token_tiles) in {(2, 8), (4, 8), (2, 16)}\n"
+        "    and k_warps in {1, 2, 4} (not 4 with token_tiles 16): x shared through shared memory;\n"
+        "  MATMUL_WGMMA (token_chunks, k_split, unused): Hopper (sm_90a builds), token_chunks of 64 tokens in\n"
+        "    {1, 2}, k_split CTAs along K (one cluster) in {1, 2, 4}.",
+        pybind11::arg("weight"), pybind11::arg("kernel"), pybind11::arg("c0"), pybind11::arg("c1"),
+        pybind11::arg("c2"), pybind11::arg("x"), pybind11::arg("dtype"), pybind11::arg("m"), pybind11::arg("bias"),
+        pybind11::arg("y"), pybind11::arg("device"), pybind11::arg("stream"));
   m.def("wgmma_available", &wgmma_available, pybind11::arg("device"),
         "Whether matmul_wgmma runs on this device (compute capability 9.0 and sm_90a code built).");
 

@@ -60,6 +60,23 @@ struct DecodeTable {
   float levels[16];
 };
 
+// One 4-bit weight as every dequantize and matmul launcher takes it: built once per weight by
+// nf4/weight.py (after its tensors were validated there) and kept, so that a call passes one object
+// instead of eleven values. The launchers still check pointers, block sizes and sizes.
+struct QuantWeight {
+  const uint8_t* packed;       // ceil(rows * cols / 2) bytes, element 2j in the high nibble
+  const void* absmax;          // float32 [blocks], or uint8 codes [blocks] when nested
+  bool nested;                 // double quantization
+  const float* nested_absmax;  // float32 [ceil(blocks / nested_blocksize)] (nested only)
+  const float* nested_code;    // float32 [256] dynamic map (nested only)
+  const float* offset;         // float32 [1]: the mean subtracted from absmax (nested only)
+  int64_t blocksize;           // values per absmax block (power of two, 32..4096)
+  int64_t nested_blocksize;    // absmax codes per nested block (nested only)
+  int64_t rows;                // out_features (N); 1 for a weight that is not a matrix
+  int64_t cols;                // in_features (K); the element count when rows is 1
+  DecodeTable table;           // the 16 levels of the weight's quant type
+};
+
 // The CUDA error behind the last kLaunchFailed on this thread (for the Python message).
 cudaError_t& last_cuda_error();
 

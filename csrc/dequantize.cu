@@ -145,21 +145,19 @@ Status launch_typed(const uint8_t* packed, int64_t n, int log2_bs, const void* a
 
 }  // namespace
 
-Status launch_dequantize(const uint8_t* packed, int64_t n, int64_t blocksize, const void* absmax,
-                         bool nested, const float* nested_absmax, const float* nested_code,
-                         const float* offset, int64_t nested_blocksize, void* out, int dtype,
-                         const DecodeTable& table, int device, cudaStream_t stream) {
-  if (packed == nullptr || out == nullptr) return kNullPointer;
+Status launch_dequantize(const QuantWeight& w, void* out, int dtype, int device, cudaStream_t stream) {
+  if (w.packed == nullptr || out == nullptr) return kNullPointer;
   int log2_bs = 0, log2_nested_bs = 0;
-  if (const Status s = check_absmax(absmax, blocksize, nested, nested_absmax, nested_code, offset,
-                                    nested_blocksize, &log2_bs, &log2_nested_bs); s != kOk) return s;
-  if (n <= 0 || n > kMaxElements) return kBadSize;
+  if (const Status s = check_absmax(w.absmax, w.blocksize, w.nested, w.nested_absmax, w.nested_code, w.offset,
+                                    w.nested_blocksize, &log2_bs, &log2_nested_bs); s != kOk) return s;
+  if (w.rows <= 0 || w.cols <= 0 || w.rows > kMaxElements / w.cols) return kBadSize;
+  const int64_t n = w.rows * w.cols;
   if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16) return kBadDtype;
   if (const Status s = use_device(device); s != kOk) return s;
   switch (dtype) {
-    case kFloat32: return launch_typed<float>(packed, n, log2_bs, absmax, nested, nested_absmax, nested_code, offset, log2_nested_bs, out, table, stream);
-    case kFloat16: return launch_typed<__half>(packed, n, log2_bs, absmax, nested, nested_absmax, nested_code, offset, log2_nested_bs, out, table, stream);
-    case kBFloat16: return launch_typed<__nv_bfloat16>(packed, n, log2_bs, absmax, nested, nested_absmax, nested_code, offset, log2_nested_bs, out, table, stream);
+    case kFloat32: return launch_typed<float>(w.packed, n, log2_bs, w.absmax, w.nested, w.nested_absmax, w.nested_code, w.offset, log2_nested_bs, out, w.table, stream);
+    case kFloat16: return launch_typed<__half>(w.packed, n, log2_bs, w.absmax, w.nested, w.nested_absmax, w.nested_code, w.offset, log2_nested_bs, out, w.table, stream);
+    case kBFloat16: return launch_typed<__nv_bfloat16>(w.packed, n, log2_bs, w.absmax, w.nested, w.nested_absmax, w.nested_code, w.offset, log2_nested_bs, out, w.table, stream);
     default: return kBadDtype;
   }
 }

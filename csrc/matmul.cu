@@ -401,27 +401,24 @@ Status launch_typed(int token_tile, int rows_per_cta, const void* x, int64_t M, 
 
 }  // namespace
 
-Status launch_matmul(const void* x, int dtype, int64_t M, int64_t N, int64_t K,
-                     const uint8_t* packed, int64_t blocksize, const void* absmax, bool nested,
-                     const float* nested_absmax, const float* nested_code, const float* offset,
-                     int64_t nested_blocksize, const void* bias, void* y, const DecodeTable& table,
+Status launch_matmul(const QuantWeight& w, const void* x, int dtype, int64_t M, const void* bias, void* y,
                      int token_tile, int rows_per_cta, int warps, int device, cudaStream_t stream) {
   int log2_bs = 0, log2_nested_bs = 0;
-  if (const Status s = check_matmul_args(x, dtype, M, N, K, packed, blocksize, absmax, nested, nested_absmax,
-                                         nested_code, offset, nested_blocksize, y, &log2_bs, &log2_nested_bs);
-      s != kOk) return s;
+  if (const Status s = check_matmul_args(w, x, dtype, M, y, &log2_bs, &log2_nested_bs); s != kOk) return s;
+  const int64_t N = w.rows, K = w.cols;
   const int64_t grid_x = (N + rows_per_cta - 1) / rows_per_cta;
   const int64_t grid_y = (M + token_tile - 1) / token_tile;
   if (grid_x > 0x7fffffff || grid_y > 65535) return kBadSize;
   if (warps < 1 || warps > kMaxThreads / 32 || warps * (token_tile / 8) > 64) return kBadSize;
   if (const Status s = use_device(device); s != kOk) return s;
   if (dtype == kFloat16) {
-    return launch_typed<__half>(token_tile, rows_per_cta, x, M, N, K, packed, log2_bs, absmax, nested,
-                                nested_absmax, nested_code, offset, log2_nested_bs, bias, y, table, warps, stream);
+    return launch_typed<__half>(token_tile, rows_per_cta, x, M, N, K, w.packed, log2_bs, w.absmax, w.nested,
+                                w.nested_absmax, w.nested_code, w.offset, log2_nested_bs, bias, y, w.table, warps,
+                                stream);
   }
-  return launch_typed<__nv_bfloat16>(token_tile, rows_per_cta, x, M, N, K, packed, log2_bs, absmax, nested,
-                                     nested_absmax, nested_code, offset, log2_nested_bs, bias, y, table, warps,
-                                     stream);
+  return launch_typed<__nv_bfloat16>(token_tile, rows_per_cta, x, M, N, K, w.packed, log2_bs, w.absmax, w.nested,
+                                     w.nested_absmax, w.nested_code, w.offset, log2_nested_bs, bias, y, w.table,
+                                     warps, stream);
 }
 
 }  // namespace nf4

@@ -581,23 +581,20 @@ bool wgmma_probe(int device) {
   return attr.binaryVersion == 90;
 }
 
-Status launch_matmul_wgmma(const void* x, int dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
-                           int64_t blocksize, const void* absmax, bool nested, const float* nested_absmax,
-                           const float* nested_code, const float* offset, int64_t nested_blocksize,
-                           const void* bias, void* y, const DecodeTable& table, int token_chunks,
-                           int k_split, int device, cudaStream_t stream) {
+Status launch_matmul_wgmma(const QuantWeight& w, const void* x, int dtype, int64_t M, const void* bias, void* y,
+                           int token_chunks, int k_split, int device, cudaStream_t stream) {
   int log2_bs = 0, log2_nested_bs = 0;
-  if (const Status s = check_matmul_args(x, dtype, M, N, K, packed, blocksize, absmax, nested, nested_absmax,
-                                         nested_code, offset, nested_blocksize, y, &log2_bs, &log2_nested_bs);
-      s != kOk) return s;
+  if (const Status s = check_matmul_args(w, x, dtype, M, y, &log2_bs, &log2_nested_bs); s != kOk) return s;
   if (!wgmma_available(device)) return kUnsupportedDevice;
   if (const Status s = use_device(device); s != kOk) return s;
+  const int64_t N = w.rows, K = w.cols;
   if (dtype == kFloat16) {
-    return launch_wg_typed<__half>(token_chunks, k_split, x, M, N, K, packed, log2_bs, absmax, nested,
-                                   nested_absmax, nested_code, offset, log2_nested_bs, bias, y, table, stream);
+    return launch_wg_typed<__half>(token_chunks, k_split, x, M, N, K, w.packed, log2_bs, w.absmax, w.nested,
+                                   w.nested_absmax, w.nested_code, w.offset, log2_nested_bs, bias, y, w.table,
+                                   stream);
   }
-  return launch_wg_typed<__nv_bfloat16>(token_chunks, k_split, x, M, N, K, packed, log2_bs, absmax, nested,
-                                        nested_absmax, nested_code, offset, log2_nested_bs, bias, y, table,
+  return launch_wg_typed<__nv_bfloat16>(token_chunks, k_split, x, M, N, K, w.packed, log2_bs, w.absmax, w.nested,
+                                        w.nested_absmax, w.nested_code, w.offset, log2_nested_bs, bias, y, w.table,
                                         stream);
 }
 

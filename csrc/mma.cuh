@@ -17,20 +17,19 @@ namespace nf4 {
 // sizes, dtype, whole 64-wide groups inside one absmax block each (see matmul.cu, Note: one scale
 // per group), fewer than 2^31 groups (32-bit block indices), 16-byte aligned x rows and 8-byte
 // aligned packed rows. Fills log2 of both block sizes.
-inline Status check_matmul_args(const void* x, int dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
-                                int64_t blocksize, const void* absmax, bool nested, const float* nested_absmax,
-                                const float* nested_code, const float* offset, int64_t nested_blocksize,
-                                const void* y, int* log2_bs, int* log2_nested_bs) {
+inline Status check_matmul_args(const QuantWeight& w, const void* x, int dtype, int64_t M, const void* y,
+                                int* log2_bs, int* log2_nested_bs) {
+  const int64_t N = w.rows, K = w.cols, blocksize = w.blocksize;
   constexpr int64_t kGroupK = 64;
   constexpr int64_t kMaxGroupCount = 0x7fffffff;
-  if (x == nullptr || packed == nullptr || y == nullptr) return kNullPointer;
-  if (const Status s = check_absmax(absmax, blocksize, nested, nested_absmax, nested_code, offset,
-                                    nested_blocksize, log2_bs, log2_nested_bs); s != kOk) return s;
+  if (x == nullptr || w.packed == nullptr || y == nullptr) return kNullPointer;
+  if (const Status s = check_absmax(w.absmax, blocksize, w.nested, w.nested_absmax, w.nested_code, w.offset,
+                                    w.nested_blocksize, log2_bs, log2_nested_bs); s != kOk) return s;
   if (dtype != kFloat16 && dtype != kBFloat16) return kBadDtype;
   if (M <= 0 || N <= 0 || K <= 0 || K % kGroupK != 0 || blocksize < kGroupK || K % blocksize != 0) return kBadSize;
   if (N > kMaxGroupCount / (K / kGroupK)) return kBadSize;
   // K % 64 == 0 keeps every row aligned when the base is.
-  if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(packed) % 8 != 0) return kMisaligned;
+  if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(w.packed) % 8 != 0) return kMisaligned;
   return kOk;
 }
 

@@ -7,7 +7,7 @@ which ``nf4.backends`` takes as "backend unavailable".
 import triton  # noqa: F401  (ImportError here means: no Triton backend)
 
 from .dequantize import dequantize
-from .matmul import matmul
+from .matmul import matmul, route
 from .quantize import quantize
 
-__all__ = ["quantize", "dequantize", "matmul"]
+__all__ = ["quantize", "dequantize", "matmul", "route"]

@@ -320,6 +320,14 @@ def launch(A2: torch.Tensor, packed, absmax, nested_absmax, nested_code, offset,
     return y
 
 
+def route(dtype: torch.dtype, tokens: int, out_features: int, in_features: int, blocksize: int,
+          device: torch.device) -> tuple[str, Config]:
+    """(kernel, config) of ``nf4.backends.route`` for this backend: ``choose_config``'s kind
+    ("gemv", "dot" or "dequant") and the config itself."""
+    cfg = choose_config(tokens, out_features, in_features, blocksize, device)
+    return cfg.kind, cfg
+
+
 def matmul(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
            nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
            offset: Optional[torch.Tensor], blocksize: int, nested_blocksize: int, quant_type: str,

@@ -33,14 +33,14 @@ Note: scaling in the GEMMs.
     of A and B, x A^T, decode, adapter GEMM, base GEMM; dy B, dB, dA, decode, dx's two GEMMs
     (cuBLAS adds its own memsets and split-K reductions: 18 instead of 24 in the profiler).
 
-Note: eager calls skip the op dispatch.
-    An eager call runs the checks of ``torch.ops.nf4.matmul`` once per forward
-    (``ops.check_matmul_inputs``, which cover decoding the weight to the compute dtype), resolves
-    the backends, and calls them directly: the custom-op dispatch costs ~40 us of CPU per call,
-    which the GPU waits for at small shapes. Backward decodes with the backend the forward
-    resolved, without checking again: its tensors are the ones the forward checked (saved, so an
-    in-place change between the passes is refused by autograd). Traced calls (torch.compile,
-    tensor subclasses such as FSDP's DTensor) use the opaque ops.
+Note: eager and traced calls.
+    An eager call (plain tensors, not under torch.compile) takes the weight as one checked
+    ``nf4.weight.PackedWeight`` (See Note: validate once there) and launches its kernels
+    directly; which base product runs (a fused kernel, or decode + cuBLAS with the adapter's
+    output as the GEMM's C) is the weight's route, the one ``nf4.backends.route`` gives every
+    caller. A traced call (torch.compile, FakeTensor, DTensor under FSDP) is the same maths written
+    with ``torch.ops.nf4.matmul`` and plain torch ops, whose autograd formulas give the same
+    gradients (``quant_lora_linear``).
 
 Note: host cost.
     At 8192 tokens a step's GPU work (0.9 ms at 4096x4096 on the H100) was shorter than the
@@ -56,13 +56,8 @@ from typing import Optional
 
 import torch
 
-from nf4 import backends, codebook, ops
-
-# Up to this many tokens the base product uses the fused dequantize-matmul op (memory-bound
-# regime: it reads 0.5 byte per weight instead of writing and re-reading 2); above it, the weight
-# is decoded once into a transient buffer and cuBLAS runs at full tensor-core rate.
-FUSED_MAX_TOKENS = 64
-
+from nf4 import codebook
+from nf4.weight import PackedWeight, as_uint8, eager, packed_weight
 
 def resolve_dtypes(x: torch.Tensor, compute_dtype: Optional[torch.dtype]) -> tuple[torch.dtype, torch.dtype]:
     """(compute dtype, output dtype) of a layer call: the autocast dtype for both under autocast,
@@ -86,130 +81,105 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
 
 
-def _eager_backends(x2, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                    nested_blocksize, quant_type, out_features, in_features, bias):
-    """(matmul backend, dequantize backend) for an eager call, after every check the ops run;
-    None when traced. See Note: eager calls skip the op dispatch."""
-    if torch.compiler.is_compiling() or type(packed) is not torch.Tensor:
-        return None  # traced (fake/functional tensors) or a tensor subclass: the opaque ops
-    device = ops.check_matmul_inputs(x2, packed, absmax, nested_absmax, nested_code, offset,
-                                     blocksize, nested_blocksize, quant_type, out_features,
-                                     in_features, bias)
-    return backends.resolve(device, "matmul"), backends.resolve(device, "dequantize")
-
-
-def _dequantize(backend, wargs, dtype):
-    out_features, in_features = wargs[-2:]
-    args = (*wargs[:-2], [out_features, in_features], dtype)
-    if backend is None:
-        return torch.ops.nf4.dequantize(*args)
-    return backend.dequantize(*args)
-
-
-def _scaled_mm(a, b, alpha, like, out_dtype, eager: bool):
+def _scaled_mm(a, b, alpha, like, out_dtype):
     """``alpha * (a @ b)`` as ``out_dtype``: one GEMM, alpha applied to the fp32 accumulator.
 
     ``like`` is any tensor of a's dtype with the result's shape: with ``beta=0`` addmm ignores its
     input's values (NaN included) and takes only its shape. A half-precision GEMM on CUDA writes
     an fp32 result directly (the ``out_dtype`` overload, CUDA-only in torch 2.11-2.13), instead of
-    rounding to half, scaling and casting in three launches; only in eager calls, since torch
+    rounding to half, scaling and casting in three launches. Only eager calls come here: torch
     2.11's fake-tensor decomposition of that overload fails under torch.compile."""
     if out_dtype == a.dtype:
         return torch.addmm(like, a, b, beta=0, alpha=alpha)
-    if eager and a.is_cuda and out_dtype == torch.float32:
+    if a.is_cuda and out_dtype == torch.float32:
         return torch.addmm(like, a, b, out_dtype, beta=0, alpha=alpha)
     return torch.addmm(like, a, b, beta=0, alpha=alpha).to(out_dtype)
 
 
-class QuantLoraLinear(torch.autograd.Function):
-    """Forward/backward of the QLoRA layer; see the module docstring for the memory contract.
+def _lora_forward(x, bias, lora_A, lora_B, mask, weight: PackedWeight, lora_scale: float,
+                  compute_dtype: torch.dtype, out_dtype: torch.dtype):
+    """The layer's forward on a checked weight: (y, then what backward needs: x * mask, x A^T,
+    and A, B in the compute dtype; None without an adapter)."""
+    # See Note: host cost.
+    in_features, out_features = weight.in_features, weight.out_features
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
+    if x2.dtype != compute_dtype:
+        x2 = x2.to(compute_dtype)
+    tokens = x2.shape[0]
+    b = bias if bias is None or bias.dtype == compute_dtype else bias.to(compute_dtype)
+    xd = xa = A = B = None
+    if lora_A is not None:
+        A = lora_A if lora_A.dtype == compute_dtype else lora_A.to(compute_dtype)
+        B = lora_B if lora_B.dtype == compute_dtype else lora_B.to(compute_dtype)
+        xd = x2 if mask is None else x2 * mask.reshape(-1, in_features)
+        xa = torch.nn.functional.linear(xd, A)                           # [T, r]
+    # See Note: scaling in the GEMMs.
+    if tokens and weight.route(tokens, compute_dtype).kernel != "dequant":
+        y = weight.matmul(x2, b)
+        if A is not None:
+            y.addmm_(xa, B.t(), alpha=lora_scale)
+    else:
+        W = weight.dequantize(compute_dtype)
+        if A is not None:
+            # See Note: one pass over the output.
+            if b is not None:
+                y = torch.addmm(b, xa, B.t(), alpha=lora_scale)
+            else:
+                y = torch.addmm(x2.new_empty((tokens, out_features)), xa, B.t(), beta=0, alpha=lora_scale)
+            y.addmm_(x2, W.t())
+        else:
+            y = torch.nn.functional.linear(x2, W, b)
+        del W
+    if y.dtype != out_dtype:
+        y = y.to(out_dtype)
+    return (y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)), xd, xa, A, B
 
-    Tensor contracts (the module checks x and the adapter; the weight's tensors are checked as
-    ``torch.ops.nf4.matmul`` checks them):
+
+class QuantLoraLinear(torch.autograd.Function):
+    """Forward/backward of the QLoRA layer on an eager call; see the module docstring for the
+    memory contract.
+
+    Inputs:
         x: [..., in_features], any float dtype; output has ``out_dtype`` and shape [..., out].
-        packed: uint8 [ceil(out*in/2)]; absmax, nested_absmax, nested_code, offset: the
-            QuantState tensors as ``torch.ops.nf4.dequantize`` takes them (None when not nested).
         bias: [out] or None; lora_A [r, in] and lora_B [out, r], or both None (rank 0).
         mask: bool [..., in] keep-mask or None (no dropout); ``dropout_scale`` = 1 / (1 - p).
+        weight: the checked ``PackedWeight``; source: the tensor its bytes were checked against
+            (kept until backward, which checks that it is still current).
     """
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, nested_absmax, nested_code, offset, bias, lora_A, lora_B,
-                mask, blocksize: int, nested_blocksize: int, quant_type: str, out_features: int,
-                in_features: int, scaling: float, dropout_scale: float,
-                compute_dtype: torch.dtype, out_dtype: torch.dtype):
-        # See Note: host cost.
-        x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
-        if x2.dtype != compute_dtype:
-            x2 = x2.to(compute_dtype)
-        tokens = x2.shape[0]
-        b = bias if bias is None or bias.dtype == compute_dtype else bias.to(compute_dtype)
-        wargs = (packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                 quant_type, out_features, in_features)
-        matmul_backend, dequantize_backend = _eager_backends(x2, *wargs, b) or (None, None)
-        # See Note: scaling in the GEMMs.
-        lora_scale = scaling * dropout_scale
-        xd = xa = A = B = None
-        if lora_A is not None:
-            A = lora_A if lora_A.dtype == compute_dtype else lora_A.to(compute_dtype)
-            B = lora_B if lora_B.dtype == compute_dtype else lora_B.to(compute_dtype)
-            xd = x2 if mask is None else x2 * mask.reshape(-1, in_features)
-            xa = torch.nn.functional.linear(xd, A)                       # [T, r]
-        if tokens <= FUSED_MAX_TOKENS:
-            if matmul_backend is None:
-                y = torch.ops.nf4.matmul(x2, *wargs, b)
-            else:
-                y = matmul_backend.matmul(x2, *wargs, b)
-            if A is not None:
-                y.addmm_(xa, B.t(), alpha=lora_scale)
-        else:
-            W = _dequantize(dequantize_backend, wargs, compute_dtype)
-            if A is not None:
-                # See Note: one pass over the output.
-                if b is not None:
-                    y = torch.addmm(b, xa, B.t(), alpha=lora_scale)
-                else:
-                    y = torch.addmm(x2.new_empty((tokens, out_features)), xa, B.t(), beta=0,
-                                    alpha=lora_scale)
-                y.addmm_(x2, W.t())
-            else:
-                y = torch.nn.functional.linear(x2, W, b)
-            del W
-        ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset, xd, xa, A, B, mask)
-        ctx.meta = (blocksize, nested_blocksize, quant_type, out_features, in_features, lora_scale,
-                    compute_dtype, x.dtype, x.shape, None if lora_A is None else lora_A.dtype,
-                    dequantize_backend)
-        if y.dtype != out_dtype:
-            y = y.to(out_dtype)
-        if x.dim() == 2 and dequantize_backend is not None:
-            return y
-        # Traced, y is returned as a view even when the shape is unchanged: torch 2.11's dynamo
-        # gives zero gradients through an autograd.Function whose output the forward mutated in
-        # place (addmm_ above) and returned as is (seen on the H100 machine; 2.13 is fine).
-        return y.reshape(*x.shape[:-1], out_features)
+    def forward(ctx, x, bias, lora_A, lora_B, mask, weight: PackedWeight, source: torch.Tensor,
+                scaling: float, dropout_scale: float, compute_dtype: torch.dtype, out_dtype: torch.dtype):
+        y, xd, xa, A, B = _lora_forward(x, bias, lora_A, lora_B, mask, weight, scaling * dropout_scale,
+                                        compute_dtype, out_dtype)
+        ctx.save_for_backward(xd, xa, A, B, mask)
+        ctx.weight, ctx.source = weight, source
+        ctx.meta = (scaling * dropout_scale, compute_dtype, x.dtype, x.shape,
+                    None if lora_A is None else lora_A.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        packed, absmax, nested_absmax, nested_code, offset, xd, xa, A, B, mask = ctx.saved_tensors
-        (blocksize, nested_blocksize, quant_type, out_features, in_features, lora_scale,
-         compute_dtype, x_dtype, x_shape, lora_dtype, dequantize_backend) = ctx.meta
+        xd, xa, A, B, mask = ctx.saved_tensors
+        lora_scale, compute_dtype, x_dtype, x_shape, lora_dtype = ctx.meta
+        weight = ctx.weight
+        in_features, out_features = weight.in_features, weight.out_features
         dy2 = dy if dy.dim() == 2 else dy.reshape(-1, out_features)
         if dy2.dtype != compute_dtype:
             dy2 = dy2.to(compute_dtype)
         dx = dA = dB = None
         needs = ctx.needs_input_grad
-        eager = dequantize_backend is not None
         g = None
         if A is not None:
             g = dy2 @ B                                                   # [T, r]
-            if needs[8]:
-                dB = _scaled_mm(dy2.t(), xa, lora_scale, B, lora_dtype, eager)
-            if needs[7]:
-                dA = _scaled_mm(g.t(), xd, lora_scale, A, lora_dtype, eager)
+            if needs[3]:
+                dB = _scaled_mm(dy2.t(), xa, lora_scale, B, lora_dtype)
+            if needs[2]:
+                dA = _scaled_mm(g.t(), xd, lora_scale, A, lora_dtype)
         if needs[0]:
-            wargs = (packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                     nested_blocksize, quant_type, out_features, in_features)
-            W = _dequantize(dequantize_backend, wargs, compute_dtype)
+            if not weight.current(ctx.source):
+                raise RuntimeError("the 4-bit weight was replaced between the layer's forward and backward")
+            W = weight.dequantize(compute_dtype)
             if A is not None:
                 # The adapter's share first (rank-r GEMM writes dx once), then the base GEMM
                 # accumulates onto it: one pass over dx instead of three.
@@ -224,19 +194,46 @@ class QuantLoraLinear(torch.autograd.Function):
                 dx = dx.to(x_dtype)
             if len(x_shape) != 2:
                 dx = dx.reshape(x_shape)
-        return (dx, None, None, None, None, None, None, dA, dB, None, None, None, None, None, None,
-                None, None, None, None)
+        return dx, None, dA, dB, None, None, None, None, None, None, None
+
+
+def lora_linear(x: torch.Tensor, weight: PackedWeight, source: torch.Tensor, bias: Optional[torch.Tensor],
+                lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], scaling: float,
+                mask: Optional[torch.Tensor], dropout_scale: float, compute_dtype: torch.dtype,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """The eager layer call on a checked weight: without gradients to compute, the base product
+    (and adapter) run directly; otherwise through ``QuantLoraLinear``."""
+    if torch.is_grad_enabled() and (x.requires_grad or (lora_A is not None and
+                                                        (lora_A.requires_grad or lora_B.requires_grad))):
+        return QuantLoraLinear.apply(x, bias, lora_A, lora_B, mask, weight, source, scaling,
+                                     dropout_scale, compute_dtype, out_dtype)
+    return _lora_forward(x, bias, lora_A, lora_B, mask, weight, scaling * dropout_scale, compute_dtype,
+                         out_dtype)[0]
 
 
 def quant_lora_linear(x: torch.Tensor, packed: torch.Tensor, quant_state, bias: Optional[torch.Tensor],
                       lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], scaling: float,
                       mask: Optional[torch.Tensor], dropout_p: float, compute_dtype: torch.dtype,
-                      out_dtype: torch.dtype) -> torch.Tensor:
+                      out_dtype: torch.Tensor) -> torch.Tensor:
     """``x W^T + b + scaling * dropout(x) A^T B^T`` with ``W`` the 4-bit ``packed`` weight.
 
-    ``packed`` is the flat uint8 view of the weight's bytes; ``quant_state.shape`` is (out, in).
+    ``packed`` holds the weight's bytes (any view of them); ``quant_state.shape`` is (out, in).
     ``mask`` (from ``dropout_mask``) applies dropout to the adapter's input only, as in LoRA.
+    See Note: eager and traced calls.
     """
+    dropout_scale = 1.0 / (1.0 - dropout_p) if mask is not None else 1.0
+    if eager(x) and eager(packed):
+        weight = packed_weight(packed, quant_state)
+        return lora_linear(x, weight, packed, bias, lora_A, lora_B, float(scaling), mask, dropout_scale,
+                           compute_dtype, out_dtype)
+    return _traced_lora_linear(x, packed, quant_state, bias, lora_A, lora_B, float(scaling) * dropout_scale,
+                               mask, compute_dtype, out_dtype)
+
+
+def _traced_lora_linear(x, packed, quant_state, bias, lora_A, lora_B, lora_scale, mask, compute_dtype,
+                        out_dtype):
+    """The layer's maths through ``torch.ops.nf4.matmul`` (whose autograd formula decodes the
+    weight again for dx) and plain torch ops, for traced calls. See Note: eager and traced calls."""
     out_features, in_features = quant_state.shape
     if quant_state.nested:
         nested = (quant_state.state2.absmax, quant_state.state2.code, quant_state.offset)
@@ -244,8 +241,12 @@ def quant_lora_linear(x: torch.Tensor, packed: torch.Tensor, quant_state, bias: 
     else:
         nested = (None, None, None)
         nested_blocksize = codebook.NESTED_BLOCKSIZE
-    dropout_scale = 1.0 / (1.0 - dropout_p) if mask is not None else 1.0
-    return QuantLoraLinear.apply(x, packed, quant_state.absmax, *nested, bias, lora_A, lora_B, mask,
-                                 quant_state.blocksize, nested_blocksize, quant_state.quant_type,
-                                 out_features, in_features, float(scaling), dropout_scale,
-                                 compute_dtype, out_dtype)
+    x2 = x.reshape(-1, in_features).to(compute_dtype)
+    b = None if bias is None else bias.to(compute_dtype)
+    y = torch.ops.nf4.matmul(x2, as_uint8(packed), quant_state.absmax, *nested, quant_state.blocksize,
+                             nested_blocksize, quant_state.quant_type, out_features, in_features, b)
+    if lora_A is not None:
+        xd = x2 if mask is None else x2 * mask.reshape(-1, in_features)
+        xa = torch.nn.functional.linear(xd, lora_A.to(compute_dtype))
+        y = torch.addmm(y, xa, lora_B.to(compute_dtype).t(), alpha=lora_scale)
+    return y.to(out_dtype).reshape(*x.shape[:-1], out_features)

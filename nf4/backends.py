@@ -16,7 +16,7 @@ import importlib
 import logging
 import os
 from types import ModuleType
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -63,6 +63,15 @@ def get_backend() -> Optional[str]:
     return env
 
 
+def forced() -> Optional[str]:
+    """``get_backend()`` at the cost of a dictionary lookup: every eager call asks it (routes are
+    cached per forced backend), and the environment variable rarely changes."""
+    if _override is not None:
+        return _override
+    env = os.environ.get("NF4_BACKEND")
+    return None if env is None else get_backend()
+
+
 def _load(name: str) -> Optional[ModuleType]:
     if name in _loaded:
         return _loaded[name]
@@ -96,6 +105,36 @@ def available(device: torch.device | str = "cuda") -> list[str]:
     """The backends that can run tensors on ``device`` here."""
     device = torch.device(device)
     return [b for b in BACKENDS if supports(b, device)]
+
+
+def cuda_module() -> Optional[ModuleType]:
+    """``nf4.cuda_backend`` when the extension loads, else None."""
+    return _load("cuda")
+
+
+class Route(NamedTuple):
+    """How a matmul of ``tokens`` rows runs: the backend (name and module), the kernel and its
+    configuration. Kernels: ``"dequant"`` (decode the weight, then cuBLAS / F.linear: every
+    backend); the CUDA extension's fused ``"few"``, ``"tiled"``, ``"wgmma"``; Triton's fused
+    ``"gemv"``, ``"dot"``. The module's ``matmul`` takes ``config=`` to run exactly this route."""
+    backend: str
+    module: ModuleType
+    kernel: str
+    config: Any = None
+
+
+def route(device: torch.device, dtype: torch.dtype, tokens: int, out_features: int, in_features: int,
+          blocksize: int) -> Route:
+    """The one routing decision for a 4-bit matmul ``[tokens, in] x [out, in]^T`` in ``dtype`` on
+    ``device``: the backend ``resolve`` picks, then that backend's own choice of kernel and config
+    (``module.route``). ``matmul_4bit``, ``QuantLinear4bit`` and the benchmarks all ask it."""
+    module = resolve(device, "matmul")
+    name = next(n for n, m in _loaded.items() if m is module)
+    kernel, config = module.route(dtype, tokens, out_features, in_features, blocksize, device)
+    if kernel.startswith("triton:"):  # the CUDA backend hands a shape to Triton's fused kernels
+        kernel = kernel.removeprefix("triton:")
+        return Route("triton", _load("triton"), kernel, config)
+    return Route(name, module, kernel, config)
 
 
 def resolve(device: torch.device, op: str) -> ModuleType:

@@ -84,8 +84,11 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+_OK = _C.Status.OK
+
+
 def _check(status, op: str, **sizes) -> None:
-    if status == _C.Status.OK:
+    if status == _OK:
         return
     detail = ", ".join(f"{k}={v}" for k, v in sizes.items())
     why = status.name
@@ -94,14 +97,28 @@ def _check(status, op: str, **sizes) -> None:
     raise RuntimeError(f"nf4 CUDA {op} failed: {why} for {detail}")
 
 
-def _state_pointers(absmax, nested_absmax, nested_code, offset) -> tuple[list[torch.Tensor], tuple[int, int, int, int]]:
-    """The state tensors made contiguous (kept alive by the caller) and their data pointers
-    (absmax, nested absmax, nested code, offset; 0 for the nested three without double quant)."""
-    keep = [absmax.contiguous()]
+def native_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                  quant_type, rows, cols) -> "_C.QuantWeight":
+    """The extension's ``QuantWeight`` (device pointers, sizes, decode table) of a weight given as
+    the backends' positional arguments. The tensors must be contiguous and stay alive as long as
+    the result is used (``nf4.weight.PackedWeight`` holds both)."""
+    nested = nested_absmax is not None
+    return _C.QuantWeight(packed.data_ptr(), absmax.data_ptr(), nested,
+                          nested_absmax.data_ptr() if nested else 0,
+                          nested_code.data_ptr() if nested else 0,
+                          offset.data_ptr() if nested else 0, blocksize, nested_blocksize if nested else 0,
+                          rows, cols, _DECODE[quant_type])
+
+
+def _contiguous_args(packed, absmax, nested_absmax, nested_code, offset):
+    """The weight's tensors as the kernels read them: contiguous, packed bytes 16-byte aligned."""
+    packed = packed.contiguous()
+    if packed.data_ptr() % 16:  # the kernels read 8 bytes at a time, the wgmma kernel's TMA 16
+        packed = packed.clone()
     if nested_absmax is None:
-        return keep, (keep[0].data_ptr(), 0, 0, 0)
-    keep += [nested_absmax.contiguous(), nested_code.contiguous(), offset.contiguous()]
-    return keep, tuple(t.data_ptr() for t in keep)
+        return packed, absmax.contiguous(), None, None, None
+    return (packed, absmax.contiguous(), nested_absmax.contiguous(), nested_code.contiguous(),
+            offset.reshape(1).contiguous())
 
 
 def _require_cuda(t: torch.Tensor, name: str) -> None:
@@ -140,17 +157,22 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Option
                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     _require_cuda(packed, "packed")
     n = math.prod(shape)
-    device = packed.device
+    tensors = _contiguous_args(packed, absmax, nested_absmax, nested_code, offset)
+    native = native_weight(*tensors, blocksize, nested_blocksize, quant_type, 1, n)
+    return _dequantize(native, packed.device, list(shape), dtype, out)
+
+
+def launch_dequantize(weight, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decode a ``nf4.weight.PackedWeight`` (checked when it was built) into ``dtype``."""
+    return _dequantize(weight.native(), weight.device, list(weight.shape), dtype, out)
+
+
+def _dequantize(native, device: torch.device, shape: list, dtype: torch.dtype, out: Optional[torch.Tensor]):
     if out is None:
-        out = torch.empty(list(shape), dtype=dtype, device=device)
-    packed = packed.contiguous()
-    nested = nested_absmax is not None
-    keep, (absmax_p, nested_p, code_p, offset_p) = _state_pointers(absmax, nested_absmax, nested_code, offset)
-    status = _C.dequantize(packed.data_ptr(), n, blocksize, absmax_p, nested, nested_p, code_p, offset_p,
-                           nested_blocksize if nested else 0, out.data_ptr(), _DTYPE_CODES[dtype],
-                           _DECODE[quant_type], device.index, _stream(device))
-    _check(status, "dequantize", n=n, shape=list(shape), dtype=dtype, blocksize=blocksize,
-           quant_type=quant_type, nested=nested)
+        out = torch.empty(shape, dtype=dtype, device=device)
+    status = _C.dequantize(native, out.data_ptr(), _DTYPE_CODES[dtype], device.index, _stream(device))
+    if status != _OK:
+        _check(status, "dequantize", shape=shape, dtype=dtype, blocksize=native.blocksize)
     return out
 
 
@@ -183,11 +205,11 @@ FEW_WARPS = (4, 8)
 LONG_CHUNK_MIN_GROUPS = 32
 
 
-def fused_matmul_supported(A: torch.Tensor, blocksize: int, out_features: int, in_features: int) -> bool:
+def fused_matmul_supported(dtype: torch.dtype, blocksize: int, out_features: int, in_features: int) -> bool:
     """Whether the fused kernel takes this input: fp16/bf16, whole 64-wide groups per row, absmax
     blocks that hold whole groups (see Note: one scale per group in csrc/matmul.cu) and fewer
     than 2^31 groups in the weight (the kernel's 32-bit block indices)."""
-    return (A.dtype in (torch.float16, torch.bfloat16) and in_features % 64 == 0
+    return (dtype in (torch.float16, torch.bfloat16) and in_features % 64 == 0
             and blocksize >= 64 and in_features % blocksize == 0
             and out_features * (in_features // 64) < 2**31)
 
@@ -314,34 +336,82 @@ def wgmma_config(tokens: int, out_features: int, in_features: int, sms: int) -> 
     return WGMMA_TOKEN_CHUNKS[0], split_for(narrow)
 
 
-def _launch_fused(kernel, A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                  quant_type, out_features, in_features, bias, config):
-    """Shared by both fused kernels: flatten x, align inputs, allocate y, launch ``kernel`` (a
-    binding with matmul's arguments, ``config`` last but the device and stream)."""
+# The fused kernels by the names ``fused_kernel`` returns: the extension's kernel number and the
+# default configuration function.
+MATMUL_KERNELS = {"few": _C.MATMUL_FEW_TOKEN, "tiled": _C.MATMUL_TILED, "wgmma": _C.MATMUL_WGMMA}
+FUSED_CONFIGS = {"few": matmul_config, "wgmma": wgmma_config, "tiled": tiled_config}
+
+
+def route(dtype: torch.dtype, tokens: int, out_features: int, in_features: int, blocksize: int,
+          device: torch.device) -> tuple[str, object]:
+    """(kernel, config) of ``nf4.backends.route`` for this backend: the fused kernel that
+    ``fused_kernel`` names where ``fused_matmul_supported``, with its default configuration;
+    otherwise Triton's fused kernels where they run and no backend was forced (fp32 inputs at a
+    few tokens), else ``"dequant"``: this backend's dequantization (the fastest) and cuBLAS."""
+    if fused_matmul_supported(dtype, blocksize, out_features, in_features):
+        kernel = fused_kernel(tokens, out_features, device)
+        if kernel is not None:
+            return kernel, FUSED_CONFIGS[kernel](tokens, out_features, in_features, _sm_count(device))
+    if backends.forced() is None and backends.supports("triton", device):
+        kernel, config = backends._load("triton").route(dtype, tokens, out_features, in_features, blocksize,
+                                                         device)
+        if kernel != "dequant":
+            return "triton:" + kernel, config
+    return "dequant", None
+
+
+def _launch(native, kernel: str, config, A2: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y [tokens, rows] = A2 [tokens, cols] @ W.T + bias by a fused kernel; A2 is 2-D with at
+    least one row, bias (if any) in A2's dtype on its device."""
+    if A2.data_ptr() % 16 or not A2.is_contiguous():  # the kernels load 16 bytes of x at a time
+        A2 = A2.clone(memory_format=torch.contiguous_format)  # the caching allocator aligns to 512
+    tokens = A2.shape[0]
+    y = A2.new_empty((tokens, native.rows))
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    device = A2.device
+    c = config if len(config) == 3 else (*config, 0)
+    status = _C.matmul(native, MATMUL_KERNELS[kernel], c[0], c[1], c[2], A2.data_ptr(), _DTYPE_CODES[A2.dtype],
+                       tokens, 0 if bias is None else bias.data_ptr(), y.data_ptr(), device.index,
+                       _stream(device))
+    if status != _OK:
+        _check(status, "matmul", kernel=kernel, tokens=tokens, out_features=native.rows,
+               in_features=native.cols, dtype=A2.dtype, config=config)
+    return y
+
+
+def launch_matmul(weight, A2: torch.Tensor, bias: Optional[torch.Tensor], r) -> torch.Tensor:
+    """A fused matmul of a ``nf4.weight.PackedWeight`` on the route ``r`` (``nf4.backends.Route``)."""
+    return _launch(weight.native(), r.kernel, r.config, A2, bias)
+
+
+def matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+           quant_type, out_features, in_features, bias, config=None, kernel: Optional[str] = None):
+    """Backend protocol: ``A @ W.T + bias`` in A's dtype, on the route ``route`` picks (or the
+    fused ``kernel`` with ``config``, for tests and the sweep; ``config`` None: its default)."""
+    _require_cuda(A, "A")
     lead = A.shape[:-1]
-    x = A.reshape(-1, in_features)
-    tokens = x.shape[0]
-    y = torch.empty(tokens, out_features, dtype=A.dtype, device=A.device)
+    A2 = A.reshape(-1, in_features)
+    tokens = A2.shape[0]
     if tokens == 0:
-        return y.reshape(*lead, out_features)
-    x = x.contiguous()
-    if x.data_ptr() % 16:  # a view at an odd offset: the kernels load 16 bytes at a time
-        x = x.clone()
-    packed = packed.contiguous()
-    if packed.data_ptr() % 16:  # the kernels read 8 bytes at a time, the wgmma kernel's TMA 16
-        packed = packed.clone()
-    nested = nested_absmax is not None
-    keep, (absmax_p, nested_p, code_p, offset_p) = _state_pointers(absmax, nested_absmax, nested_code, offset)
-    if bias is not None:
-        bias = bias.to(A.dtype).contiguous()
-    device = A.device
-    status = kernel(x.data_ptr(), _DTYPE_CODES[A.dtype], tokens, out_features, in_features,
-                    packed.data_ptr(), blocksize, absmax_p, nested, nested_p, code_p, offset_p,
-                    nested_blocksize if nested else 0,
-                    bias.data_ptr() if bias is not None else 0, y.data_ptr(), _DECODE[quant_type],
-                    *config, device.index, _stream(device))
-    _check(status, "matmul", tokens=tokens, out_features=out_features, in_features=in_features,
-           dtype=A.dtype, blocksize=blocksize, config=config)
+        return A.new_empty((*lead, out_features))
+    if bias is not None and bias.dtype != A.dtype:
+        bias = bias.to(A.dtype)
+    if kernel is None:
+        kernel, routed = route(A.dtype, tokens, out_features, in_features, blocksize, A.device)
+        config = config or routed
+    elif config is None:
+        config = FUSED_CONFIGS[kernel](tokens, out_features, in_features, _sm_count(A.device))
+    tensors = _contiguous_args(packed, absmax, nested_absmax, nested_code, offset)
+    if kernel == "dequant":
+        W = dequantize(*tensors, blocksize, nested_blocksize, quant_type, (out_features, in_features), A.dtype)
+        y = F.linear(A2, W, bias)
+    elif kernel.startswith("triton:"):
+        y = backends._load("triton").matmul(A2, *tensors, blocksize, nested_blocksize, quant_type,
+                                             out_features, in_features, bias, config=config)
+    else:
+        native = native_weight(*tensors, blocksize, nested_blocksize, quant_type, out_features, in_features)
+        y = _launch(native, kernel, config, A2, bias)
     return y.reshape(*lead, out_features)
 
 
@@ -349,61 +419,31 @@ def fused_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksiz
                  quant_type, out_features, in_features, bias, config=None):
     """``A @ W.T + bias`` by the few-token kernel (callers check ``fused_matmul_supported``).
     ``config``: (token_tile, rows_per_cta, warps), default ``matmul_config``'s."""
-    tokens = A.numel() // in_features
-    config = config or matmul_config(tokens, out_features, in_features, _sm_count(A.device))
-    return _launch_fused(_C.matmul, A, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                         nested_blocksize, quant_type, out_features, in_features, bias, config)
+    return matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                  quant_type, out_features, in_features, bias, config=config, kernel="few")
 
 
 def tiled_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                  quant_type, out_features, in_features, bias, config=None):
-    """``A @ W.T + bias`` by the tiled kernel (same inputs as ``fused_matmul``). ``config``:
-    (row_tiles, token_tiles, k_warps), default ``tiled_config``'s."""
-    tokens = A.numel() // in_features
-    config = config or tiled_config(tokens, out_features, in_features, _sm_count(A.device))
-    return _launch_fused(_C.matmul_tiled, A, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                         nested_blocksize, quant_type, out_features, in_features, bias, config)
+    """``A @ W.T + bias`` by the tiled kernel. ``config``: (row_tiles, token_tiles, k_warps)."""
+    return matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                  quant_type, out_features, in_features, bias, config=config, kernel="tiled")
 
 
 def wgmma_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                  quant_type, out_features, in_features, bias, config=None):
-    """``A @ W.T + bias`` by the Hopper kernel (callers check ``fused_matmul_supported`` and
-    ``wgmma_available``). ``config``: (token_chunks, k_split), default ``wgmma_config``'s."""
-    tokens = A.numel() // in_features
-    config = config or wgmma_config(tokens, out_features, in_features, _sm_count(A.device))
-    return _launch_fused(_C.matmul_wgmma, A, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                         nested_blocksize, quant_type, out_features, in_features, bias, config)
-
-
-def matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-           quant_type, out_features, in_features, bias):
-    """``A @ W.T + bias``: for fp16/bf16 shapes the fused kernels take (``fused_matmul_supported``)
-    the kernel ``fused_kernel`` names: the few-token kernel up to ``FUSED_MAX_TOKENS`` tokens
-    (``FEW_MAX_TOKENS_NARROW`` on weights of fewer than ``TILED_MIN_ROWS`` rows), then the wgmma
-    kernel up to ``WGMMA_MAX_TOKENS`` on Hopper, else the tiled kernel up to ``TILED_MAX_TOKENS``.
-    Otherwise the Triton backend's matmul when it is installed and no backend was forced, else
-    this backend's dequantize and cuBLAS through F.linear."""
-    _require_cuda(A, "A")
-    tokens = A.numel() // in_features
-    args = (A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-            quant_type, out_features, in_features, bias)
-    kernel = fused_kernel(tokens, out_features, A.device) if fused_matmul_supported(
-        A, blocksize, out_features, in_features) else None
-    if kernel is not None:
-        return FUSED_MATMULS[kernel](*args)
-    if backends.get_backend() is None and backends.supports("triton", A.device):
-        return backends._load("triton").matmul(*args)
-    return dequantized_matmul(*args)
+    """``A @ W.T + bias`` by the Hopper kernel (callers check ``wgmma_available``). ``config``:
+    (token_chunks, k_split)."""
+    return matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                  quant_type, out_features, in_features, bias, config=config, kernel="wgmma")
 
 
 def dequantized_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                        quant_type, out_features, in_features, bias):
     """``A @ W.T + bias`` with W dequantized by this backend into A's dtype, then cuBLAS."""
-    W = dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                   quant_type, (out_features, in_features), A.dtype)
-    return F.linear(A, W, bias)
+    return matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                  quant_type, out_features, in_features, bias, kernel="dequant")
 
 
-# The fused kernels by the names ``fused_kernel`` returns, and their default configurations.
+# The fused kernels by name, for the sweep and profile_matmul.
 FUSED_MATMULS = {"few": fused_matmul, "wgmma": wgmma_matmul, "tiled": tiled_matmul}
-FUSED_CONFIGS = {"few": matmul_config, "wgmma": wgmma_config, "tiled": tiled_config}

@@ -19,6 +19,7 @@ import torch
 
 from nf4 import codebook, ops
 from nf4.quant_state import QuantState, num_blocks
+from nf4.weight import as_uint8 as _as_uint8, eager, packed_weight
 
 __all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "matmul_4bit", "get_4bit_type",
            "quantize_nf4", "quantize_fp4", "dequantize_nf4", "dequantize_fp4"]
@@ -44,17 +45,6 @@ def _table(kind: str, device: torch.device) -> torch.Tensor:
 def get_4bit_type(typename: str, device=None, blocksize: int = 64) -> torch.Tensor:
     """The 16 levels of ``typename`` (``"nf4"`` or ``"fp4"``) as float32 (bnb's ``get_4bit_type``)."""
     return codebook.levels(typename).to(device or "cpu")
-
-
-def _as_uint8(packed: torch.Tensor) -> torch.Tensor:
-    """The bytes of a packed weight as a flat uint8 tensor, whatever storage dtype viewed them."""
-    if not isinstance(packed, torch.Tensor):
-        raise TypeError(f"packed weight must be a tensor, got {type(packed).__name__}")
-    if packed.dtype == torch.uint8:
-        return packed.reshape(-1)
-    if packed.dtype.is_floating_point or packed.dtype in (torch.int8, torch.int16, torch.int32):
-        return packed.contiguous().reshape(-1).view(torch.uint8)
-    raise TypeError(f"packed weight has unsupported storage dtype {packed.dtype}")
 
 
 def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
@@ -140,6 +130,11 @@ def dequantize_4bit(A: torch.Tensor, quant_state: Optional[QuantState] = None,
                                  quant_type=quant_type, dtype=out.dtype)
     elif not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
+    if eager(A):
+        w = packed_weight(A, quant_state)
+        if out is not None:
+            ops.check_dequantize_out(out, w.dtype, w.shape, w.device)
+        return w.dequantize(out=out)
     packed = _as_uint8(A)
     quant_state.validate(packed)
     am, nested, ncode, offset, nbs = _state_tensors(quant_state)
@@ -161,20 +156,58 @@ def matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState,
     """
     if not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
-    packed = _as_uint8(B)
-    quant_state.validate(packed)
-    if len(quant_state.shape) != 2:
-        raise ValueError(f"matmul_4bit needs a 2-D weight, quant_state.shape is {tuple(quant_state.shape)}")
-    out_features, in_features = quant_state.shape
-    am, nested, ncode, offset, nbs = _state_tensors(quant_state)
-    if bias is not None and bias.dtype != A.dtype:
-        bias = bias.to(A.dtype)
-    y = torch.ops.nf4.matmul(A, packed, am, nested, ncode, offset, quant_state.blocksize, nbs,
-                             quant_state.quant_type, out_features, in_features, bias)
+    if eager(A) and eager(B):
+        w = packed_weight(B, quant_state)
+        w.check_input(A, bias)
+        if len(w.shape) != 2:
+            raise ValueError(f"matmul_4bit needs a 2-D weight, quant_state.shape is {list(w.shape)}")
+        if torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad)):
+            y = _Matmul4bit.apply(A, bias, w, B)
+        else:
+            y = w.matmul(A, bias)
+    else:
+        packed = _as_uint8(B)
+        quant_state.validate(packed)
+        if len(quant_state.shape) != 2:
+            raise ValueError(f"matmul_4bit needs a 2-D weight, quant_state.shape is {tuple(quant_state.shape)}")
+        out_features, in_features = quant_state.shape
+        am, nested, ncode, offset, nbs = _state_tensors(quant_state)
+        if bias is not None and bias.dtype != A.dtype:
+            bias = bias.to(A.dtype)
+        y = torch.ops.nf4.matmul(A, packed, am, nested, ncode, offset, quant_state.blocksize, nbs,
+                                 quant_state.quant_type, out_features, in_features, bias)
     if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != y.shape or out.dtype != y.dtype \
+                or out.device != y.device:
+            raise ValueError(f"out must be {y.dtype} {list(y.shape)} on {y.device}, got "
+                             + (f"{out.dtype} {list(out.shape)} on {out.device}"
+                                if isinstance(out, torch.Tensor) else type(out).__name__))
         out.copy_(y)
         return out
     return y
+
+
+class _Matmul4bit(torch.autograd.Function):
+    """``matmul_4bit``'s eager autograd (the op's formula, ``_matmul_backward``, serves traced
+    calls): gradients for A and bias; the weight is decoded again in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, A, bias, w, B):
+        ctx.w, ctx.B = w, B  # B keeps the packed bytes alive until backward checks them
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return w.matmul(A, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = ctx.w
+        if not w.current(ctx.B):
+            raise RuntimeError("the packed weight was replaced between matmul_4bit's forward and backward")
+        grad_A = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_A = grad @ w.dequantize(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_A, grad_bias, None, None
 
 
 def _matmul_setup_context(ctx, inputs, output):

@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from nf4 import codebook, functional
-from nf4.autograd import dropout_mask, quant_lora_linear, resolve_dtypes
+from nf4.autograd import dropout_mask, lora_linear, quant_lora_linear, resolve_dtypes
 from nf4.quant_state import QuantState, check_blocksize, check_float_dtype
+from nf4.weight import as_uint8, eager
 
 __all__ = ["QuantLinear4bit", "Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
 
@@ -80,7 +81,7 @@ class Params4bit(nn.Parameter):
         as ``QuantState.from_dict`` takes them), both moved to ``device``. Validated."""
         quant_state = QuantState.from_dict(quantized_stats, device=device)
         data = data.to(device)
-        quant_state.validate(functional._as_uint8(data))
+        quant_state.validate(as_uint8(data))
         self = cls(data, requires_grad, quant_state, quant_state.blocksize, quant_state.nested,
                    quant_state.quant_type, data.dtype, module, bnb_quantized=True)
         if module is not None:
@@ -119,17 +120,13 @@ class Params4bit(nn.Parameter):
     def cpu(self):
         return self.to(device="cpu")
 
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        # Module.to_empty() calls empty_like on every parameter. Uninitialized memory may hold
-        # anything, so keeping the packed bytes (and moving their state) honours its contract
-        # and lets a loader install weights before materializing the rest of a meta model.
-        if func is torch.empty_like and args and isinstance(args[0], Params4bit) \
-                and args[0].bnb_quantized and args[0].device.type != "meta":
-            device = kwargs.get("device")
-            return args[0].to(device) if device is not None else args[0].to(args[0].device)
-        return super().__torch_function__(func, types, args, kwargs)
+    def __reduce_ex__(self, protocol):
+        # Pickling (torch.save of a module, multiprocessing) keeps the class and its attributes;
+        # nn.Parameter's own reduction would rebuild a plain Parameter, whose next cast would
+        # then convert the packed bytes as if they were numbers.
+        return (_rebuild_params4bit, (self.data, self.requires_grad, self.quant_state, self.blocksize,
+                                      self.compress_statistics, self.quant_type, self.quant_storage,
+                                      self.bnb_quantized))
 
     def __deepcopy__(self, memo):
         new = Params4bit(self.data.clone(), self.requires_grad, copy.deepcopy(self.quant_state, memo),
@@ -142,6 +139,12 @@ class Params4bit(nn.Parameter):
         if not self.bnb_quantized:
             return f"Params4bit(float {list(self.shape)} {self.dtype}, not yet quantized, {self.device})"
         return f"Params4bit({self.quant_state!r}, packed {list(self.shape)} {self.dtype})"
+
+
+def _rebuild_params4bit(data, requires_grad, quant_state, blocksize, compress_statistics, quant_type,
+                        quant_storage, bnb_quantized) -> Params4bit:
+    return Params4bit(data, requires_grad, quant_state, blocksize, compress_statistics, quant_type,
+                      quant_storage, bnb_quantized=bnb_quantized)
 
 
 class QuantLinear4bit(nn.Module):
@@ -197,8 +200,10 @@ class QuantLinear4bit(nn.Module):
                                  requires_grad=False, blocksize=blocksize,
                                  compress_statistics=compress_statistics, quant_type=quant_type,
                                  quant_storage=quant_storage)
-        self.bias = (nn.Parameter(torch.empty(out_features, device=device), requires_grad=False)
-                     if bias else None)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
         if lora_rank:
             self.lora_A = nn.Parameter(torch.empty(lora_rank, in_features, device=device))
             self.lora_B = nn.Parameter(torch.empty(out_features, lora_rank, device=device))
@@ -262,7 +267,7 @@ class QuantLinear4bit(nn.Module):
                              f"expected {expected} (out_features, in_features)")
         if not isinstance(packed, torch.Tensor):
             raise TypeError(f"packed must be a tensor, got {type(packed).__name__}")
-        quant_state.validate(functional._as_uint8(packed))
+        quant_state.validate(as_uint8(packed))
         self.weight = Params4bit(packed.detach().reshape(-1, 1), False, quant_state,
                                  quant_state.blocksize, quant_state.nested, quant_state.quant_type,
                                  packed.dtype, bnb_quantized=True)
@@ -380,39 +385,74 @@ class QuantLinear4bit(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The hot path (See Note: validate once in nf4/weight.py): the weight checked when it
+        # was built, still current, and an input whose type, dtype, width and device fit it.
+        # Everything else, first calls included, takes _forward_checked.
+        params = self._parameters
+        weight = params["weight"]
+        state = getattr(weight, "quant_state", None)
+        w = state._packed_weight if state is not None else None
+        if (w is None or not eager(x) or not w.current(weight) or not x.dtype.is_floating_point
+                or x.shape[-1] != w.in_features or x.get_device() != w.device_index or x.is_meta):
+            return self._forward_checked(x)
+        compute_dtype, out_dtype = resolve_dtypes(x, self.compute_dtype)
+        lora_A = params["lora_A"]
+        mask, dropout_scale = None, 1.0
+        if lora_A is not None and self.training and self.lora_dropout > 0:
+            mask, dropout_scale = dropout_mask(x, self.lora_dropout), 1.0 / (1.0 - self.lora_dropout)
+        return lora_linear(x, w, weight, params["bias"], lora_A, params["lora_B"], self.scaling, mask,
+                           dropout_scale, compute_dtype, out_dtype)
+
+    def _forward_checked(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` with every check: the input, parameters left on the meta device, a weight
+        still to be quantized (See Note: when quantization happens); then the weight is checked
+        and cached (eager calls) or the traced maths runs (``quant_lora_linear``)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input has shape {list(x.shape)}, expected last dimension "
                              f"{self.in_features} (in_features)")
-        # The parameters straight from _parameters, and tensor calls on them with Params4bit's
-        # __torch_function__ switched off (it only intercepts empty_like): through
-        # Module.__getattr__ and that hook, each touch of the weight is a Python call, ~2 us
-        # apiece on a fast host and a sizeable share of a step's issue time on a slow one.
         params = self._parameters
-        weight = params["weight"]
-        with torch._C.DisableTorchFunctionSubclass():
-            meta = [n for n in ("weight", "bias", "lora_A", "lora_B")
-                    if params.get(n) is not None and params[n].is_meta]
+        meta = [n for n in ("weight", "bias", "lora_A", "lora_B")
+                if params.get(n) is not None and params[n].is_meta]
         if meta:
             # A custom op given a meta tensor runs its fake kernel and returns garbage, silently.
             raise RuntimeError(f"parameters {meta} are still on the meta device: load them "
                                f"(load_state_dict / load_quantized) or materialize them with "
                                f"to_empty() + reset_lora_parameters() before calling the layer")
+        weight = params["weight"]
         if not weight.bnb_quantized:
             # See Note: when quantization happens.
             weight._quantize(x.device)
             if self.bias is not None and self.bias.device != x.device:
                 self.bias = nn.Parameter(self.bias.data.to(x.device), requires_grad=False)
+        if x.device != weight.device:
+            raise ValueError(f"input is on {x.device}, the layer's weight on {weight.device}")
         compute_dtype, out_dtype = resolve_dtypes(x, self.compute_dtype)
         mask = None
         if self.lora_rank and self.training and self.lora_dropout > 0:
             mask = dropout_mask(x, self.lora_dropout)
-        with torch._C.DisableTorchFunctionSubclass():
-            packed = functional._as_uint8(weight)
-        return quant_lora_linear(x, packed, weight.quant_state, self.bias, params.get("lora_A"),
+        return quant_lora_linear(x, weight, weight.quant_state, self.bias, params.get("lora_A"),
                                  params.get("lora_B"), self.scaling, mask, self.lora_dropout,
                                  compute_dtype, out_dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Module.to / cuda / half / float / to_empty reach parameters through _apply(fn). The
+        # packed bytes are never cast (See Note: when quantization happens): fn is applied to an
+        # empty probe of the weight's dtype and device to learn where it sends tensors, and the
+        # weight (with its QuantState) only moves there. The other parameters take fn as usual.
+        weight = self._parameters.get("weight")
+        if not isinstance(weight, Params4bit) or not weight.bnb_quantized or weight.is_meta:
+            return super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=weight.dtype, device=weight.device))
+        del self._parameters["weight"]
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = weight.to(probe.device) if probe.device != weight.device else weight
+        return self
 
     def extra_repr(self) -> str:
         w = self.weight

@@ -97,6 +97,17 @@ def check_dequantize_args(packed, absmax, nested_absmax, nested_code, offset, bl
                               nested_code=nested_code, offset=offset)
 
 
+def check_dequantize_out(out, dtype: torch.dtype, shape: Sequence[int], device: torch.device) -> None:
+    """``out`` of a dequantization: a contiguous tensor of exactly ``dtype``, ``shape``, ``device``."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a tensor, got {type(out).__name__}")
+    if out.dtype != dtype or list(out.shape) != list(shape) or out.device != device:
+        raise ValueError(f"out must be {dtype} {list(shape)} on {device}, got {out.dtype} "
+                         f"{list(out.shape)} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+
+
 def check_matmul_inputs(A, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                         nested_blocksize, quant_type, out_features, in_features, bias) -> torch.device:
     """Every check ``torch.ops.nf4.matmul`` runs (these also cover ``dequantize`` of the weight to
@@ -175,11 +186,7 @@ def dequantize_out(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Op
                    out: torch.Tensor) -> None:
     device = check_dequantize_args(packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                    nested_blocksize, quant_type, shape, dtype)
-    if out.dtype != dtype or list(out.shape) != list(shape) or out.device != device:
-        raise ValueError(f"out must be {dtype} {list(shape)} on {device}, got {out.dtype} "
-                         f"{list(out.shape)} on {out.device}")
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
+    check_dequantize_out(out, dtype, shape, device)
     backends.resolve(device, "dequantize").dequantize(
         packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
         quant_type, list(shape), dtype, out=out)

@@ -167,7 +167,7 @@ class LoraQuantLinear4bit(*_Base):
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
         mask = dropout_mask(x, p) if p > 0 else None
-        return quant_lora_linear(x, functional._as_uint8(base.weight), base.weight.quant_state, base.bias,
+        return quant_lora_linear(x, base.weight, base.weight.quant_state, base.bias,
                                  self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
                                  mask, p, compute_dtype, out_dtype)
 

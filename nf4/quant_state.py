@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from typing import Any, Mapping, Optional
 
 import torch
@@ -75,6 +76,10 @@ class QuantState:
 
     valid_quant_types = codebook.QUANT_TYPES
     valid_qs_type_keys = tuple(f"bitsandbytes__{q}" for q in codebook.QUANT_TYPES)
+    # The weight checked against this state (nf4.weight.PackedWeight), dropped by any change to
+    # the state: See Note: validate once in nf4/weight.py.
+    _packed_weight = None
+    _owner = None  # the state whose state2 this is (a weak reference), told of changes too
 
     def __init__(self, absmax: torch.Tensor, shape=None, code: Optional[torch.Tensor] = None,
                  blocksize: Optional[int] = None, quant_type: Optional[str] = None,
@@ -89,6 +94,26 @@ class QuantState:
         self.offset = offset
         self.state2 = state2
         self.nested = state2 is not None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        d = self.__dict__
+        d[name] = value
+        if name == "state2" and isinstance(value, QuantState):
+            value.__dict__["_owner"] = weakref.ref(self)
+        d["_packed_weight"] = None
+        owner = d.get("_owner")
+        parent = owner() if owner is not None else None
+        if parent is not None:
+            parent.__dict__["_packed_weight"] = None
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles carry the fields, never the cached weight (its pointers are this
+        # object's) or the weak reference to an owner.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_packed_weight", "_owner")}
+
+    def __setstate__(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
 
     # ---------------------------------------------------------------- validation
     def validate(self, packed: Optional[torch.Tensor] = None) -> "QuantState":

@@ -36,8 +36,13 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Option
     return out
 
 
+def route(dtype, tokens, out_features, in_features, blocksize, device):
+    """(kernel, config) of ``nf4.backends.route``: the reference always decodes, then F.linear."""
+    return "dequant", None
+
+
 def matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-           quant_type, out_features, in_features, bias):
+           quant_type, out_features, in_features, bias, config=None):
     W = dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                    quant_type, (out_features, in_features), A.dtype)
     return reference.matmul(A, W, bias)

@@ -1,21 +1,24 @@
 """What one QLoRA step costs the host: the kernels nf4.autograd.QuantLoraLinear dispatches and the
 checks it repeats (the maths itself is tested against an fp32 model in test_nn.py).
 
-See Note: scaling in the GEMMs and Note: eager calls skip the op dispatch in nf4/autograd.py.
+See Note: scaling in the GEMMs in nf4/autograd.py and Note: validate once in nf4/weight.py.
 """
 import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nf4 import autograd as nf4_autograd
-from nf4 import ops
+from nf4 import backends
 from nf4.nn import QuantLinear4bit
+from nf4.quant_state import QuantState
+from nf4.weight import PackedWeight
 
 from tests.conftest import DEVICE
 
 IN, OUT, RANK = 96, 40, 4
-TOKENS = nf4_autograd.FUSED_MAX_TOKENS + 9  # the dequantize + GEMM regime
+# The dequantize + GEMM regime on every backend (the CUDA fused kernels stop at 256 tokens, Triton's
+# at 64, the reference always decodes); test_every_route_runs_the_layer checks it.
+TOKENS = 300
 # Views and allocations launch nothing.
 NO_KERNEL = {"view", "t", "reshape", "_reshape_alias", "unsqueeze", "expand", "alias", "empty",
              "new_empty", "detach"}
@@ -48,7 +51,7 @@ def test_step_scales_inside_the_gemms(monkeypatch, dropout):
     layer = _layer(dropout)
     W = layer.dequantize().to(torch.bfloat16)
     # The weight's decoding is the backend's business (its own kernels): left out of the count.
-    monkeypatch.setattr(nf4_autograd, "_dequantize", lambda backend, wargs, dtype: W)
+    monkeypatch.setattr(PackedWeight, "dequantize", lambda self, dtype=None, out=None: W)
     x = torch.randn(TOKENS, IN, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(TOKENS, OUT, device=DEVICE, dtype=torch.bfloat16)
     with _Ops() as seen:
@@ -67,20 +70,20 @@ def test_step_scales_inside_the_gemms(monkeypatch, dropout):
     assert len(kernels) == 8 + casts + masks + (1 if dropout else 0), kernels
 
 
-@pytest.mark.parametrize("tokens", [7, TOKENS], ids=["fused", "dequant"])
-def test_backward_does_not_check_the_weight_again(monkeypatch, tokens):
-    """The forward checks the weight (a backend may check again inside, e.g. a matmul that falls
-    back to the dequantize op); backward decodes the saved, already checked tensors as they are."""
+@pytest.mark.parametrize("tokens", [7, TOKENS], ids=["few", "many"])
+def test_the_weight_is_checked_once(monkeypatch, tokens):
+    """The first forward checks the weight (QuantState.validate); backward and every later step
+    reuse that check (See Note: validate once)."""
     layer = _layer(0.0, bias=True)
     calls = []
-    check = ops.check_dequantize_args
-    monkeypatch.setattr(ops, "check_dequantize_args", lambda *a: calls.append(1) or check(*a))
-    x = torch.randn(tokens, IN, device=DEVICE, requires_grad=True)
-    y = layer(x)
-    in_forward = len(calls)
-    y.backward(torch.randn_like(y))
-    assert in_forward >= 1 and len(calls) == in_forward
-    assert x.grad is not None and layer.lora_A.grad is not None
+    validate = QuantState.validate
+    monkeypatch.setattr(QuantState, "validate", lambda self, *a: calls.append(1) or validate(self, *a))
+    for step in range(3):
+        x = torch.randn(tokens, IN, device=DEVICE, requires_grad=True)
+        y = layer(x)
+        y.backward(torch.randn_like(y))
+        assert x.grad is not None and layer.lora_A.grad is not None
+        assert len(calls) == 1, f"step {step}: {len(calls)} checks"
 
 
 def test_backward_uses_the_forward_backend(monkeypatch):
@@ -88,10 +91,17 @@ def test_backward_uses_the_forward_backend(monkeypatch):
     layer = _layer(0.0)
     x = torch.randn(TOKENS, IN, device=DEVICE, requires_grad=True)
     y = layer(x)
-    monkeypatch.setattr(nf4_autograd.backends, "resolve",
-                        lambda *a: pytest.fail("backward resolved a backend again"))
+    monkeypatch.setattr(backends, "resolve", lambda *a: pytest.fail("backward resolved a backend again"))
     y.backward(torch.randn_like(y))
     assert x.grad is not None
+
+
+def test_route_of_the_dequantize_regime():
+    """TOKENS is in the decode + GEMM regime of the automatic backend here."""
+    layer = _layer(0.0)
+    layer(torch.randn(1, IN, device=DEVICE))
+    r = layer.weight.quant_state._packed_weight.route(TOKENS, torch.bfloat16)
+    assert r.kernel == "dequant", r
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -110,11 +120,12 @@ def test_torch_compile_traces_the_scaled_gemms(dropout):
     torch.manual_seed(5)
     y_eager = layer(x)
     y_eager.float().square().sum().backward()
-    # The traced graph runs the same GEMMs, but functionalization may turn addmm_ into addmm and
-    # cuBLAS may pick another algorithm for it: allow one bf16 rounding of the largest value
-    # (2^-8 relative) rather than bit equality. A lost or doubled scale is off by 50-100%.
+    # The traced maths (nf4.autograd._traced_lora_linear) forms the same sums in another order
+    # (the base product is rounded to bf16 before the adapter's share is added), and cuBLAS may
+    # pick other algorithms: one bf16 rounding of the largest value may differ, at most 2^-7 of
+    # it. A lost or doubled scale is off by 50-100%.
     for name, a, b in zip(("y", "dx", "dA", "dB"), (y, *got), (y_eager, x.grad, layer.lora_A.grad,
                                                               layer.lora_B.grad)):
         assert a.dtype == b.dtype, name
         err = (a.float() - b.float()).abs().max().item()
-        assert err <= 2**-8 * b.float().abs().max().item(), f"{name}: max difference {err:.3g}"
+        assert err <= 2**-7 * b.float().abs().max().item(), f"{name}: max difference {err:.3g}"

@@ -127,7 +127,7 @@ def test_binding_refuses_what_the_kernel_cannot_do():
             cuda_backend.fused_matmul(x, *_args(packed, state), None, config=config)
     # fp32 input: the kernel is fp16/bf16 only; matmul falls back to dequantize + cuBLAS.
     x32 = _x(2, 128, torch.float32)
-    assert not cuda_backend.fused_matmul_supported(x32, 64, 64, 128)
+    assert not cuda_backend.fused_matmul_supported(x32.dtype, 64, 64, 128)
     check(cuda_backend.matmul(x32, *_args(packed, state), None), x32, fp32_weight(packed, state))
 
 
@@ -146,11 +146,11 @@ def test_config_heuristic_stays_within_the_kernel_limits():
 def test_fused_path_is_the_cuda_backends_few_token_matmul():
     assert backends._AUTO_ORDER_CUDA["matmul"][0] == "cuda"
     x = torch.empty(3, 128, dtype=torch.bfloat16)
-    assert cuda_backend.fused_matmul_supported(x, 64, 256, 128)
-    assert not cuda_backend.fused_matmul_supported(x, 32, 256, 128)    # groups straddle blocks
-    assert not cuda_backend.fused_matmul_supported(x, 64, 256, 96)     # K not whole groups
-    assert not cuda_backend.fused_matmul_supported(x, 256, 256, 384)   # K not whole blocks
-    assert not cuda_backend.fused_matmul_supported(x, 64, 2**25, 2**12)  # 2^31 groups: 32-bit indices
+    assert cuda_backend.fused_matmul_supported(x.dtype, 64, 256, 128)
+    assert not cuda_backend.fused_matmul_supported(x.dtype, 32, 256, 128)    # groups straddle blocks
+    assert not cuda_backend.fused_matmul_supported(x.dtype, 64, 256, 96)     # K not whole groups
+    assert not cuda_backend.fused_matmul_supported(x.dtype, 256, 256, 384)   # K not whole blocks
+    assert not cuda_backend.fused_matmul_supported(x.dtype, 64, 2**25, 2**12)  # 2^31 groups: 32-bit indices
 
 
 @gpu

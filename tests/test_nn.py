@@ -35,9 +35,9 @@ def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) 
     assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype]} * {scale:.3g}"
 
 
-def make_layer(rank: int, bias: bool, dropout: float, compute_dtype, device=DEVICE, seed=0):
+def make_layer(rank: int, bias: bool, dropout: float, compute_dtype, device=DEVICE, seed=0, in_features=IN):
     torch.manual_seed(seed)
-    linear = nn.Linear(IN, OUT, bias=bias, device=device)
+    linear = nn.Linear(in_features, OUT, bias=bias, device=device)
     layer = QuantLinear4bit.from_linear(linear, lora_rank=rank, lora_alpha=2.0 * rank if rank else None,
                                         lora_dropout=dropout, compute_dtype=compute_dtype)
     if rank:
@@ -63,7 +63,38 @@ def fp32_model(layer: QuantLinear4bit, x: torch.Tensor, mask):
     return y, x32, A, B
 
 
-@pytest.mark.parametrize("tokens", [7, nf4_autograd.FUSED_MAX_TOKENS + 9], ids=["fused", "dequant"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_route_on_cpu(bias, dropout):
+    """The layer's fused-kernel branch (base product, then the adapter added in place) where the
+    CPU can run it: Triton's gemv under the interpreter."""
+    if not nf4.backends.supports("triton", torch.device("cpu")) or DEVICE.type != "cpu":
+        pytest.skip("the GPU runs this branch in test_forward_backward_match_fp32_model")
+    nf4.set_backend("triton")
+    # 128 inputs: whole blocks of 64 per row, which Triton's fused kernels need (96 would decode).
+    layer = make_layer(4, bias, dropout, torch.bfloat16, device="cpu", in_features=128)
+    x = torch.randn(3, 128, requires_grad=True)
+    layer(x[:1])
+    assert layer.weight.quant_state._packed_weight.route(3, torch.bfloat16).kernel == "gemv"
+    torch.manual_seed(123)
+    y = layer(x)
+    mask = None
+    if dropout:
+        torch.manual_seed(123)
+        mask = nf4_autograd.dropout_mask(x, dropout)
+    want, x32, A, B = fp32_model(layer, x, mask)
+    close(y, want, torch.bfloat16, "y")
+    dy = torch.randn_like(want)
+    y.backward(dy)
+    want.backward(dy)
+    close(x.grad, x32.grad, torch.bfloat16, "dx")
+    close(layer.lora_A.grad, A.grad, torch.bfloat16, "dA")
+    close(layer.lora_B.grad, B.grad, torch.bfloat16, "dB")
+
+
+# 7 tokens: a fused kernel on the GPU (the reference decodes on the CPU: test_fused_route_on_cpu);
+# 300: decode + GEMM on every backend (tests/test_autograd.py checks the route).
+@pytest.mark.parametrize("tokens", [7, 300], ids=["fused", "dequant"])
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
