@@ -59,9 +59,19 @@ import torch
 from nf4 import codebook
 from nf4.weight import PackedWeight, as_uint8, eager, packed_weight
 
+# Whether autocast is on for any device: one call, where asking about x's device needs x.device
+# first (the layer's hot path asks on every call).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def resolve_dtypes(x: torch.Tensor, compute_dtype: Optional[torch.dtype]) -> tuple[torch.dtype, torch.dtype]:
     """(compute dtype, output dtype) of a layer call: the autocast dtype for both under autocast,
     else the layer's ``compute_dtype`` (None: the input's) and the input's dtype."""
+    if not _any_autocast():
+        compute = compute_dtype or x.dtype
+        if compute not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"compute dtype must be float16, bfloat16 or float32, got {compute}")
+        return compute, x.dtype
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -114,8 +124,9 @@ def _lora_forward(x, bias, lora_A, lora_B, mask, weight: PackedWeight, lora_scal
         xd = x2 if mask is None else x2 * mask.reshape(-1, in_features)
         xa = torch.nn.functional.linear(xd, A)                           # [T, r]
     # See Note: scaling in the GEMMs.
-    if tokens and weight.route(tokens, compute_dtype).kernel != "dequant":
-        y = weight.matmul(x2, b)
+    r = weight.route(tokens, compute_dtype) if tokens else None
+    if r is not None and r.kernel != "dequant":
+        y = weight.matmul(x2, b, r)
         if A is not None:
             y.addmm_(xa, B.t(), alpha=lora_scale)
     else:
@@ -178,7 +189,9 @@ class QuantLoraLinear(torch.autograd.Function):
                 dA = _scaled_mm(g.t(), xd, lora_scale, A, lora_dtype)
         if needs[0]:
             if not weight.current(ctx.source):
-                raise RuntimeError("the 4-bit weight was replaced between the layer's forward and backward")
+                # Its memory changed since forward (FSDP gathers the weight again for backward):
+                # checked again, as any call would be.
+                weight = packed_weight(ctx.source, weight.state)
             W = weight.dequantize(compute_dtype)
             if A is not None:
                 # The adapter's share first (rank-r GEMM writes dx once), then the base GEMM

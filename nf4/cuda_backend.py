@@ -79,9 +79,13 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _stream(device: torch.device) -> int:
+    return _stream_of(device.index)
+
+
+def _stream_of(index: int) -> int:
     if _raw_stream is not None:
-        return _raw_stream(device.index)
-    return torch.cuda.current_stream(device).cuda_stream
+        return _raw_stream(index)
+    return torch.cuda.current_stream(index).cuda_stream
 
 
 _OK = _C.Status.OK
@@ -345,13 +349,15 @@ FUSED_CONFIGS = {"few": matmul_config, "wgmma": wgmma_config, "tiled": tiled_con
 def route(dtype: torch.dtype, tokens: int, out_features: int, in_features: int, blocksize: int,
           device: torch.device) -> tuple[str, object]:
     """(kernel, config) of ``nf4.backends.route`` for this backend: the fused kernel that
-    ``fused_kernel`` names where ``fused_matmul_supported``, with its default configuration;
-    otherwise Triton's fused kernels where they run and no backend was forced (fp32 inputs at a
-    few tokens), else ``"dequant"``: this backend's dequantization (the fastest) and cuBLAS."""
+    ``fused_kernel`` names where ``fused_matmul_supported``, with its launch arguments (the
+    extension's kernel number and three config values); otherwise Triton's fused kernels where
+    they run and no backend was forced (fp32 inputs at a few tokens), else ``"dequant"``: this
+    backend's dequantization (the fastest) and cuBLAS."""
     if fused_matmul_supported(dtype, blocksize, out_features, in_features):
         kernel = fused_kernel(tokens, out_features, device)
         if kernel is not None:
-            return kernel, FUSED_CONFIGS[kernel](tokens, out_features, in_features, _sm_count(device))
+            return kernel, _launch_config(kernel, FUSED_CONFIGS[kernel](tokens, out_features, in_features,
+                                                                        _sm_count(device)))
     if backends.forced() is None and backends.supports("triton", device):
         kernel, config = backends._load("triton").route(dtype, tokens, out_features, in_features, blocksize,
                                                          device)
@@ -360,29 +366,45 @@ def route(dtype: torch.dtype, tokens: int, out_features: int, in_features: int, 
     return "dequant", None
 
 
-def _launch(native, kernel: str, config, A2: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """y [tokens, rows] = A2 [tokens, cols] @ W.T + bias by a fused kernel; A2 is 2-D with at
-    least one row, bias (if any) in A2's dtype on its device."""
+def _launch_config(kernel: str, config: tuple) -> tuple[int, int, int, int]:
+    """The extension's (kernel number, c0, c1, c2) for a fused kernel's config."""
+    return (MATMUL_KERNELS[kernel], *config, *(0,) * (3 - len(config)))
+
+
+def launch_matmul(weight, A2: torch.Tensor, tokens: int, bias: Optional[torch.Tensor],
+                  launch: tuple[int, int, int, int]) -> torch.Tensor:
+    """y [tokens, rows] = A2 [tokens, cols] @ W.T + bias by a fused kernel, for a
+    ``nf4.weight.PackedWeight`` (checked when built) or an object with the same ``native()``,
+    ``out_features``, ``in_features``, ``device_index``; ``launch`` from ``route``. A2: 2-D, at
+    least one row; bias in A2's dtype on its device."""
     if A2.data_ptr() % 16 or not A2.is_contiguous():  # the kernels load 16 bytes of x at a time
         A2 = A2.clone(memory_format=torch.contiguous_format)  # the caching allocator aligns to 512
-    tokens = A2.shape[0]
-    y = A2.new_empty((tokens, native.rows))
+    y = A2.new_empty((tokens, weight.out_features))
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    device = A2.device
-    c = config if len(config) == 3 else (*config, 0)
-    status = _C.matmul(native, MATMUL_KERNELS[kernel], c[0], c[1], c[2], A2.data_ptr(), _DTYPE_CODES[A2.dtype],
-                       tokens, 0 if bias is None else bias.data_ptr(), y.data_ptr(), device.index,
-                       _stream(device))
+    index = weight.device_index
+    kernel, c0, c1, c2 = launch
+    status = _C.matmul(weight.native(), kernel, c0, c1, c2, A2.data_ptr(), _DTYPE_CODES[A2.dtype], tokens,
+                       0 if bias is None else bias.data_ptr(), y.data_ptr(), index, _stream_of(index))
     if status != _OK:
-        _check(status, "matmul", kernel=kernel, tokens=tokens, out_features=native.rows,
-               in_features=native.cols, dtype=A2.dtype, config=config)
+        _check(status, "matmul", kernel=kernel, tokens=tokens, out_features=weight.out_features,
+               in_features=weight.in_features, dtype=A2.dtype, config=(c0, c1, c2))
     return y
 
 
-def launch_matmul(weight, A2: torch.Tensor, bias: Optional[torch.Tensor], r) -> torch.Tensor:
-    """A fused matmul of a ``nf4.weight.PackedWeight`` on the route ``r`` (``nf4.backends.Route``)."""
-    return _launch(weight.native(), r.kernel, r.config, A2, bias)
+class _Unchecked:
+    """A weight given as the backends' positional arguments (checked by nf4.ops), with the
+    ``PackedWeight`` attributes ``launch_matmul`` reads."""
+
+    def __init__(self, tensors, blocksize, nested_blocksize, quant_type, out_features, in_features):
+        self.tensors = tensors  # keeps the memory alive while the struct points at it
+        self._native = native_weight(*tensors, blocksize, nested_blocksize, quant_type, out_features,
+                                     in_features)
+        self.out_features, self.in_features = out_features, in_features
+        self.device_index = tensors[0].get_device()
+
+    def native(self):
+        return self._native
 
 
 def matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
@@ -410,8 +432,9 @@ def matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nes
         y = backends._load("triton").matmul(A2, *tensors, blocksize, nested_blocksize, quant_type,
                                              out_features, in_features, bias, config=config)
     else:
-        native = native_weight(*tensors, blocksize, nested_blocksize, quant_type, out_features, in_features)
-        y = _launch(native, kernel, config, A2, bias)
+        weight = _Unchecked(tensors, blocksize, nested_blocksize, quant_type, out_features, in_features)
+        launch = config if len(config) == 4 else _launch_config(kernel, config)
+        y = launch_matmul(weight, A2, tokens, bias, launch)
     return y.reshape(*lead, out_features)
 
 

@@ -200,8 +200,8 @@ class _Matmul4bit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         w = ctx.w
-        if not w.current(ctx.B):
-            raise RuntimeError("the packed weight was replaced between matmul_4bit's forward and backward")
+        if not w.current(ctx.B):  # its memory changed since forward: checked again
+            w = packed_weight(ctx.B, w.state)
         grad_A = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_A = grad @ w.dequantize(grad.dtype)

@@ -35,7 +35,7 @@ from torch import nn
 from nf4 import codebook, functional
 from nf4.autograd import dropout_mask, lora_linear, quant_lora_linear, resolve_dtypes
 from nf4.quant_state import QuantState, check_blocksize, check_float_dtype
-from nf4.weight import as_uint8, eager
+from nf4.weight import as_uint8, eager, packed_weight
 
 __all__ = ["QuantLinear4bit", "Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
 
@@ -80,10 +80,9 @@ class Params4bit(nn.Parameter):
         """Wrap packed bytes and their serialized state (``weight.*`` keys without the prefix,
         as ``QuantState.from_dict`` takes them), both moved to ``device``. Validated."""
         quant_state = QuantState.from_dict(quantized_stats, device=device)
-        data = data.to(device)
-        quant_state.validate(as_uint8(data))
-        self = cls(data, requires_grad, quant_state, quant_state.blocksize, quant_state.nested,
+        self = cls(data.to(device), requires_grad, quant_state, quant_state.blocksize, quant_state.nested,
                    quant_state.quant_type, data.dtype, module, bnb_quantized=True)
+        packed_weight(self, quant_state)  # checked now, cached for the calls: See Note: validate once
         if module is not None:
             module.quant_state = quant_state
         return self
@@ -97,6 +96,7 @@ class Params4bit(nn.Parameter):
         self.data = packed
         self.quant_state = state
         self.bnb_quantized = True
+        packed_weight(self, state)
         if self.module is not None:
             self.module.quant_state = state
         return self
@@ -267,10 +267,10 @@ class QuantLinear4bit(nn.Module):
                              f"expected {expected} (out_features, in_features)")
         if not isinstance(packed, torch.Tensor):
             raise TypeError(f"packed must be a tensor, got {type(packed).__name__}")
-        quant_state.validate(as_uint8(packed))
-        self.weight = Params4bit(packed.detach().reshape(-1, 1), False, quant_state,
-                                 quant_state.blocksize, quant_state.nested, quant_state.quant_type,
-                                 packed.dtype, bnb_quantized=True)
+        weight = Params4bit(packed.detach().reshape(-1, 1), False, quant_state, quant_state.blocksize,
+                            quant_state.nested, quant_state.quant_type, packed.dtype, bnb_quantized=True)
+        packed_weight(weight, quant_state)  # checked now, cached for the calls: See Note: validate once
+        self.weight = weight
 
     def quantize_weight_(self, weight: torch.Tensor) -> None:
         """Quantize a float [out_features, in_features] weight on its own device into the layer."""
@@ -393,7 +393,8 @@ class QuantLinear4bit(nn.Module):
         state = getattr(weight, "quant_state", None)
         w = state._packed_weight if state is not None else None
         if (w is None or not eager(x) or not w.current(weight) or not x.dtype.is_floating_point
-                or x.shape[-1] != w.in_features or x.get_device() != w.device_index or x.is_meta):
+                or x.shape[-1] != w.in_features or x.get_device() != w.device_index
+                or (w.device_index < 0 and x.is_meta)):
             return self._forward_checked(x)
         compute_dtype, out_dtype = resolve_dtypes(x, self.compute_dtype)
         lora_A = params["lora_A"]

@@ -180,24 +180,26 @@ class PackedWeight:
             if not bias.dtype.is_floating_point:
                 raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
 
-    def matmul(self, A: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``A @ W.T + bias`` in A's dtype, without autograd; A checked by ``check_input``."""
-        N = self.out_features
+    def matmul(self, A: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               r: Optional[backends.Route] = None) -> torch.Tensor:
+        """``A @ W.T + bias`` in A's dtype, without autograd; A checked by ``check_input``. ``r``:
+        the route, when the caller looked it up already."""
         A2 = A if A.dim() == 2 else A.reshape(-1, self.in_features)
         tokens = A2.shape[0]
         if bias is not None and bias.dtype != A.dtype:
             bias = bias.to(A.dtype)
         if tokens == 0:
-            y = A2.new_empty((0, N))
+            y = A2.new_empty((0, self.out_features))
         else:
-            r = self.route(tokens, A.dtype)
+            if r is None:
+                r = self.route(tokens, A.dtype)
             if r.kernel == "dequant":
                 y = F.linear(A2, self.dequantize(A.dtype), bias)
             elif r.backend == "cuda":
-                y = r.module.launch_matmul(self, A2, bias, r)
+                y = r.module.launch_matmul(self, A2, tokens, bias, r.config)
             else:
                 y = r.module.matmul(A2, *self.args, bias, config=r.config)
-        return y if A.dim() == 2 else y.view(*A.shape[:-1], N)
+        return y if A.dim() == 2 else y.view(*A.shape[:-1], self.out_features)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None
                    ) -> torch.Tensor:

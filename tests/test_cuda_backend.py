@@ -130,13 +130,30 @@ def test_binding_rejects_bad_arguments_before_launching():
     assert C.quantize_absmax(16, 0, 16, 256, 16, 16, nested, 0, 0) == S.BAD_SIZE
     assert C.quantize_absmax(16, 9, 0, 256, 16, 16, nested, 0, 0) == S.NULL_POINTER
     assert C.quantize_absmax(16, 9, 16, 128, 16, 16, nested, 0, 0) == S.BAD_BLOCKSIZE
-    # (packed, n, blocksize, absmax, nested, nested_absmax, nested_code, offset, nested_bs, out,
-    #  dtype, table, device, stream)
-    assert C.dequantize(16, 64, 64, 16, True, 0, 16, 16, 256, 16, 2, dec, 0, 0) == S.NULL_POINTER
-    assert C.dequantize(16, -1, 64, 16, False, 0, 0, 0, 0, 16, 2, dec, 0, 0) == S.BAD_SIZE
-    assert C.dequantize(16, 2**60, 64, 16, False, 0, 0, 0, 0, 16, 2, dec, 0, 0) == S.BAD_SIZE
-    assert C.dequantize(16, 64, 64, 16, True, 16, 16, 16, 100, 16, 2, dec, 0, 0) == S.BAD_BLOCKSIZE
-    assert C.dequantize(16, 64, 64, 16, False, 0, 0, 0, 0, 16, 3, dec, 0, 0) == S.BAD_DTYPE
+    # QuantWeight(packed, absmax, nested, nested_absmax, nested_code, offset, blocksize,
+    #             nested_blocksize, rows, cols, table); dequantize(weight, out, dtype, device, stream)
+    def w(packed=16, nested=False, nested_ptrs=(0, 0, 0), blocksize=64, nested_bs=256, rows=1, cols=64):
+        return C.QuantWeight(packed, 16, nested, *nested_ptrs, blocksize, nested_bs, rows, cols, dec)
+
+    assert C.dequantize(w(nested=True, nested_ptrs=(0, 16, 16)), 16, 2, 0, 0) == S.NULL_POINTER
+    assert C.dequantize(w(packed=0), 16, 2, 0, 0) == S.NULL_POINTER
+    assert C.dequantize(w(), 0, 2, 0, 0) == S.NULL_POINTER
+    assert C.dequantize(w(cols=-1), 16, 2, 0, 0) == S.BAD_SIZE
+    assert C.dequantize(w(rows=2**30, cols=2**30), 16, 2, 0, 0) == S.BAD_SIZE
+    assert C.dequantize(w(nested=True, nested_ptrs=(16, 16, 16), nested_bs=100), 16, 2, 0, 0) == S.BAD_BLOCKSIZE
+    assert C.dequantize(w(blocksize=48), 16, 2, 0, 0) == S.BAD_BLOCKSIZE
+    assert C.dequantize(w(), 16, 3, 0, 0) == S.BAD_DTYPE
+    # matmul(weight, kernel, c0, c1, c2, x, dtype, m, bias, y, device, stream)
+    few = C.MATMUL_FEW_TOKEN
+    assert C.matmul(w(rows=64), 9, 8, 16, 4, 16, 2, 1, 0, 16, 0, 0) == S.BAD_SIZE       # no such kernel
+    assert C.matmul(w(rows=64), few, 8, 16, 4, 0, 2, 1, 0, 16, 0, 0) == S.NULL_POINTER  # no x
+    assert C.matmul(w(rows=64), few, 8, 16, 4, 16, 2, 1, 0, 0, 0, 0) == S.NULL_POINTER  # no y
+    assert C.matmul(w(rows=64), few, 8, 16, 4, 16, 0, 1, 0, 16, 0, 0) == S.BAD_DTYPE    # fp32 x
+    assert C.matmul(w(rows=64), few, 8, 16, 4, 24, 2, 1, 0, 16, 0, 0) == S.MISALIGNED   # x not 16-byte
+    assert C.matmul(w(rows=64, cols=96), few, 8, 16, 4, 16, 2, 1, 0, 16, 0, 0) == S.BAD_SIZE  # K % 64
+    assert C.matmul(w(rows=64), few, 8, 16, 4, 16, 2, 0, 0, 16, 0, 0) == S.BAD_SIZE     # no tokens
+    for kernel in (C.MATMUL_TILED, C.MATMUL_WGMMA):
+        assert C.matmul(w(rows=64, blocksize=32), kernel, 2, 8, 1, 16, 2, 1, 0, 16, 0, 0) == S.BAD_SIZE
     with pytest.raises(ValueError, match="16 levels"):
         C.DecodeTable([0.0] * 15)
     with pytest.raises(ValueError, match="below"):
