@@ -150,23 +150,26 @@ class QuantLoraLinear(torch.autograd.Function):
     """Forward/backward of the QLoRA layer on an eager call; see the module docstring for the
     memory contract.
 
-    Inputs:
+    Inputs: ``x``, ``lora_A``, ``lora_B``, then a tuple ``rest`` of (bias, mask, weight, source,
+    lora_scale, compute_dtype, out_dtype):
         x: [..., in_features], any float dtype; output has ``out_dtype`` and shape [..., out].
         bias: [out] or None; lora_A [r, in] and lora_B [out, r], or both None (rank 0).
-        mask: bool [..., in] keep-mask or None (no dropout); ``dropout_scale`` = 1 / (1 - p).
+        mask: bool [..., in] keep-mask or None (no dropout); ``lora_scale``: scaling / (1 - p).
         weight: the checked ``PackedWeight``; source: the tensor its bytes were checked against
-            (kept until backward, which checks that it is still current).
+            (kept until backward, which checks it again if its memory changed).
     """
 
     @staticmethod
-    def forward(ctx, x, bias, lora_A, lora_B, mask, weight: PackedWeight, source: torch.Tensor,
-                scaling: float, dropout_scale: float, compute_dtype: torch.dtype, out_dtype: torch.dtype):
-        y, xd, xa, A, B = _lora_forward(x, bias, lora_A, lora_B, mask, weight, scaling * dropout_scale,
-                                        compute_dtype, out_dtype)
+    def forward(ctx, x, lora_A, lora_B, rest):
+        # Only the tensors that take gradients are apply()'s own arguments: autograd.Function
+        # walks every argument on each call (~1 µs apiece on the GPU machine's host), and the
+        # frozen bias, the mask and the weight get no gradient.
+        bias, mask, weight, source, lora_scale, compute_dtype, out_dtype = rest
+        y, xd, xa, A, B = _lora_forward(x, bias, lora_A, lora_B, mask, weight, lora_scale, compute_dtype,
+                                        out_dtype)
         ctx.save_for_backward(xd, xa, A, B, mask)
         ctx.weight, ctx.source = weight, source
-        ctx.meta = (scaling * dropout_scale, compute_dtype, x.dtype, x.shape,
-                    None if lora_A is None else lora_A.dtype)
+        ctx.meta = (lora_scale, compute_dtype, x.dtype, x.shape, None if lora_A is None else lora_A.dtype)
         return y
 
     @staticmethod
@@ -183,9 +186,9 @@ class QuantLoraLinear(torch.autograd.Function):
         g = None
         if A is not None:
             g = dy2 @ B                                                   # [T, r]
-            if needs[3]:
-                dB = _scaled_mm(dy2.t(), xa, lora_scale, B, lora_dtype)
             if needs[2]:
+                dB = _scaled_mm(dy2.t(), xa, lora_scale, B, lora_dtype)
+            if needs[1]:
                 dA = _scaled_mm(g.t(), xd, lora_scale, A, lora_dtype)
         if needs[0]:
             if not weight.current(ctx.source):
@@ -207,7 +210,7 @@ class QuantLoraLinear(torch.autograd.Function):
                 dx = dx.to(x_dtype)
             if len(x_shape) != 2:
                 dx = dx.reshape(x_shape)
-        return dx, None, dA, dB, None, None, None, None, None, None, None
+        return dx, dA, dB, None
 
 
 def lora_linear(x: torch.Tensor, weight: PackedWeight, source: torch.Tensor, bias: Optional[torch.Tensor],
@@ -218,8 +221,8 @@ def lora_linear(x: torch.Tensor, weight: PackedWeight, source: torch.Tensor, bia
     (and adapter) run directly; otherwise through ``QuantLoraLinear``."""
     if torch.is_grad_enabled() and (x.requires_grad or (lora_A is not None and
                                                         (lora_A.requires_grad or lora_B.requires_grad))):
-        return QuantLoraLinear.apply(x, bias, lora_A, lora_B, mask, weight, source, scaling,
-                                     dropout_scale, compute_dtype, out_dtype)
+        return QuantLoraLinear.apply(x, lora_A, lora_B, (bias, mask, weight, source, scaling * dropout_scale,
+                                                         compute_dtype, out_dtype))
     return _lora_forward(x, bias, lora_A, lora_B, mask, weight, scaling * dropout_scale, compute_dtype,
                          out_dtype)[0]
 
