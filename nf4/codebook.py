@@ -150,6 +150,20 @@ def dynamic_map_thresholds() -> torch.Tensor:
     return (m[:-1] + m[1:]) * 0.5
 
 
+def check_levels(code, quant_type: str) -> None:
+    """A state's decode table (bnb's ``quant_map``) must be exactly the levels of its quant type:
+    the kernels decode with ``levels(quant_type)``, so another table (the other type's, or edited
+    values) would be ignored by some backends and used by others. None means "the type's own".
+    Reads the values (a device sync for a GPU table): call it when a weight is made, not per call."""
+    if code is None:
+        return
+    want = levels(quant_type)
+    got = code.detach().reshape(-1).to("cpu", torch.float32) if isinstance(code, torch.Tensor) else None
+    if got is None or not torch.equal(got, want):
+        raise ValueError(f"the state's code table (quant_map) is not the {quant_type} table "
+                         f"{want.tolist()}: got {None if got is None else got.tolist()}")
+
+
 def check_quant_type(quant_type: str) -> None:
     if not isinstance(quant_type, str) or quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")

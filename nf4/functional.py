@@ -19,7 +19,7 @@ import torch
 
 from nf4 import codebook, ops
 from nf4.quant_state import QuantState, num_blocks
-from nf4.weight import as_uint8 as _as_uint8, eager, packed_weight
+from nf4.weight import as_uint8 as _as_uint8, check_storage_dtype, eager, packed_weight
 
 __all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "matmul_4bit", "get_4bit_type",
            "quantize_nf4", "quantize_fp4", "dequantize_nf4", "dequantize_fp4"]
@@ -50,7 +50,8 @@ def get_4bit_type(typename: str, device=None, blocksize: int = 64) -> torch.Tens
 def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
                   out: Optional[torch.Tensor] = None, blocksize: int = 64,
                   compress_statistics: bool = False, quant_type: str = "fp4",
-                  quant_storage: torch.dtype = torch.uint8) -> tuple[torch.Tensor, QuantState]:
+                  quant_storage: torch.dtype = torch.uint8, *, check_finite: bool = True
+                  ) -> tuple[torch.Tensor, QuantState]:
     """Quantize ``A`` blockwise to 4 bits.
 
     Args:
@@ -62,6 +63,11 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
         compress_statistics: double quantization (absmax as 8-bit codes, ~0.37 fewer bits/param).
         quant_type: ``"nf4"`` or ``"fp4"``.
         quant_storage: dtype the packed bytes are viewed as (uint8, or e.g. bfloat16 for FSDP).
+        check_finite: refuse NaN and Inf with a ValueError (one reduction and a device sync). A
+            non-finite value would make its whole block's absmax NaN or Inf and decode every
+            value of the block to NaN; nf4 refuses such weights everywhere (this function,
+            ``QuantLinear4bit``, ``quantize_model``, ``from_pretrained``). Pass False only where
+            the caller has checked already (the loader batches its checks).
 
     Returns:
         ``(packed, quant_state)`` with packed of shape ``[ceil(n/2) / itemsize, 1]``.
@@ -69,6 +75,13 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
     # Checked here too, not only inside the op: the op's schema would turn a wrong Python type
     # (blocksize=64.0) into an opaque RuntimeError before its own check runs.
     ops.check_quantize_args(A, blocksize, quant_type)
+    check_storage_dtype(quant_storage)
+    if check_finite and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(A.detach())  # min/max propagate NaN; no temporary of A's size
+        if not (torch.isfinite(lo) & torch.isfinite(hi)).item():
+            bad = (~torch.isfinite(A.detach())).sum().item()
+            raise ValueError(f"cannot quantize a tensor holding NaN or Inf ({bad} of {A.numel()} values, "
+                             f"shape {list(A.shape)}): each would poison its whole block of {blocksize}")
     packed, am, nested, offset = torch.ops.nf4.quantize(A, blocksize, quant_type,
                                                         bool(compress_statistics))
     device = A.device
@@ -98,8 +111,7 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
 def _view_storage(packed: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
     if quant_storage == torch.uint8:
         return packed.view(-1, 1)
-    if not isinstance(quant_storage, torch.dtype):
-        raise TypeError(f"quant_storage must be a torch.dtype, got {quant_storage!r}")
+    check_storage_dtype(quant_storage)
     size = torch.empty((), dtype=quant_storage).element_size()
     if packed.numel() % size:
         raise ValueError(f"{packed.numel()} packed bytes cannot be viewed as {quant_storage} "

@@ -35,7 +35,7 @@ from torch import nn
 from nf4 import codebook, functional
 from nf4.autograd import dropout_mask, lora_linear, quant_lora_linear, resolve_dtypes
 from nf4.quant_state import QuantState, check_blocksize, check_float_dtype
-from nf4.weight import as_uint8, eager, packed_weight
+from nf4.weight import as_uint8, check_storage_dtype, eager, packed_weight
 
 __all__ = ["QuantLinear4bit", "Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
 
@@ -60,8 +60,7 @@ class Params4bit(nn.Parameter):
         blocksize = 64 if blocksize is None else blocksize
         check_blocksize(blocksize)
         codebook.check_quant_type(quant_type)
-        if not isinstance(quant_storage, torch.dtype):
-            raise TypeError(f"quant_storage must be a torch.dtype, got {quant_storage!r}")
+        check_storage_dtype(quant_storage)
         if quant_state is not None and not isinstance(quant_state, QuantState):
             raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
         self = torch.Tensor._make_subclass(cls, data, requires_grad)
@@ -193,6 +192,8 @@ class QuantLinear4bit(nn.Module):
         self.compute_dtype = compute_dtype
         self.lora_rank = lora_rank
         self.lora_alpha = float(lora_rank if lora_alpha is None else lora_alpha)
+        if not math.isfinite(self.lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
         self.scaling = self.lora_alpha / lora_rank if lora_rank else 0.0
         self.lora_dropout = float(lora_dropout)
         device = None if device is None else torch.device(device)
@@ -272,8 +273,9 @@ class QuantLinear4bit(nn.Module):
         packed_weight(weight, quant_state)  # checked now, cached for the calls: See Note: validate once
         self.weight = weight
 
-    def quantize_weight_(self, weight: torch.Tensor) -> None:
-        """Quantize a float [out_features, in_features] weight on its own device into the layer."""
+    def quantize_weight_(self, weight: torch.Tensor, check_finite: bool = True) -> None:
+        """Quantize a float [out_features, in_features] weight on its own device into the layer
+        (NaN or Inf refused unless the caller checked already: ``quantize_4bit``'s ``check_finite``)."""
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
         if tuple(weight.shape) != (self.out_features, self.in_features):
@@ -283,7 +285,8 @@ class QuantLinear4bit(nn.Module):
         w = self.weight
         packed, state = functional.quantize_4bit(weight.detach(), blocksize=w.blocksize,
                                                  compress_statistics=w.compress_statistics,
-                                                 quant_type=w.quant_type, quant_storage=w.quant_storage)
+                                                 quant_type=w.quant_type, quant_storage=w.quant_storage,
+                                                 check_finite=check_finite)
         self.load_quantized(packed, state)
 
     # ------------------------------------------------------------------ state

@@ -277,6 +277,7 @@ class QuantState:
                          blocksize=items["nested_blocksize"], dtype=nested_dtype)
             offset = torch.tensor(float(offset_value), dtype=torch.float32,
                                   device=device if device is not None else items["nested_absmax"].device)
+        codebook.check_levels(code, quant_type)
         qs = cls(absmax=to_dev(items["absmax"]), shape=shape, code=to_dev(code),
                  blocksize=items["blocksize"], quant_type=quant_type,
                  dtype=dtype_from_name(items["dtype"]), offset=offset, state2=state2)

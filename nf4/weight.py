@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from nf4 import backends
+from nf4 import backends, codebook
 from nf4.quant_state import QuantState
 
 # The dtypes a matmul input may have, and their codes in the CUDA extension (csrc/common.cuh).
@@ -52,16 +52,27 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ALIGN = 16
 
 
+# The dtypes packed bytes may be stored as (``quant_storage``): uint8, or a type of 1, 2 or 4 bytes
+# that FSDP or a checkpoint viewed them as. bool would reinterpret bytes as 0/1, and 8-byte types
+# cannot hold an odd number of 4-byte words.
+STORAGE_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.float16, torch.bfloat16,
+                  torch.float32)
+
+
+def check_storage_dtype(dtype) -> None:
+    if dtype not in STORAGE_DTYPES:
+        raise TypeError(f"quant_storage must be one of {[str(d) for d in STORAGE_DTYPES]}, got {dtype!r}")
+
+
 def as_uint8(packed: torch.Tensor) -> torch.Tensor:
-    """The bytes of a packed weight as a flat uint8 tensor, whatever storage dtype viewed them
-    (uint8, a float type for FSDP, int8/16/32); other dtypes raise TypeError."""
+    """The bytes of a packed weight as a flat uint8 tensor, whatever storage dtype (``STORAGE_DTYPES``)
+    viewed them; other dtypes raise TypeError."""
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"packed weight must be a tensor, got {type(packed).__name__}")
     if packed.dtype == torch.uint8:
         return packed.reshape(-1)
-    if packed.dtype.is_floating_point or packed.dtype in (torch.int8, torch.int16, torch.int32):
-        return packed.contiguous().reshape(-1).view(torch.uint8)
-    raise TypeError(f"packed weight has unsupported storage dtype {packed.dtype}")
+    check_storage_dtype(packed.dtype)
+    return packed.contiguous().reshape(-1).view(torch.uint8)
 
 
 _PLAIN_TORCH_FUNCTION = torch._C._disabled_torch_function_impl
@@ -96,6 +107,7 @@ class PackedWeight:
             raise TypeError(f"quant_state must be a QuantState, got {type(state).__name__}")
         flat = as_uint8(packed)
         state.validate(flat)
+        codebook.check_levels(state.code, state.quant_type)
         # Where the checked bytes came from; ``current`` compares a call's tensor with it. A
         # copy (a non-contiguous source, another storage dtype's view, a misaligned offset) has
         # no source: it is correct for this call only and never cached.

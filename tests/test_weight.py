@@ -256,3 +256,69 @@ def test_routes_are_one_decision():
     assert w.route(5, torch.bfloat16).backend == "reference"
     nf4.set_backend(None)
     assert w.route(5, torch.bfloat16) is r
+
+
+# --- bad input on the hot path (issue #17's items that live here) ---
+
+def test_a_code_table_of_the_other_type_is_refused():
+    W = torch.randn(OUT, IN, device=DEVICE)
+    packed, state = nf4.quantize_4bit(W, quant_type="nf4")
+    state.code = nf4.codebook.levels("fp4").to(DEVICE)
+    with pytest.raises(ValueError, match="quant_map"):
+        nf4.matmul_4bit(_x(), packed.t(), state)
+    with pytest.raises(ValueError, match="quant_map"):
+        nf4.dequantize_4bit(packed, state)
+    saved = nf4.quantize_4bit(W, quant_type="nf4")[1].as_dict(packed=True)
+    saved["quant_map"] = nf4.codebook.levels("fp4")
+    with pytest.raises(ValueError, match="quant_map"):
+        QuantState.from_dict(saved)
+    saved["quant_map"] = nf4.codebook.levels("nf4") * (1 + 2**-20)  # one level edited slightly
+    with pytest.raises(ValueError, match="quant_map"):
+        QuantState.from_dict(saved)
+
+
+def test_matmul_out_must_match():
+    W = torch.randn(OUT, IN, device=DEVICE)
+    packed, state = nf4.quantize_4bit(W, quant_type="nf4")
+    x = _x(2)
+    want = nf4.matmul_4bit(x, packed.t(), state)
+    out = torch.empty(2, OUT, device=DEVICE)
+    assert nf4.matmul_4bit(x, packed.t(), state, out=out) is out and torch.equal(out, want)
+    for bad in (torch.empty(1, OUT, device=DEVICE), torch.empty(2, OUT, dtype=torch.int32, device=DEVICE),
+                torch.empty(2, 1, OUT, device=DEVICE)):
+        with pytest.raises(ValueError, match="out must be"):
+            nf4.matmul_4bit(x, packed.t(), state, out=bad)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf")])
+def test_lora_alpha_must_be_finite(alpha):
+    with pytest.raises(ValueError, match="lora_alpha"):
+        QuantLinear4bit(IN, OUT, lora_rank=4, lora_alpha=alpha)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_everywhere(value):
+    W = torch.randn(OUT, IN, device=DEVICE)
+    W[3, 7] = value
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        nf4.quantize_4bit(W, quant_type="nf4")
+    linear = nn.Linear(IN, OUT, device=DEVICE)
+    with torch.no_grad():
+        linear.weight[0, 0] = value
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        QuantLinear4bit.from_linear(linear)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        nf4.quantize_model(nn.Sequential(linear), device=DEVICE)
+    # An explicit opt-out for callers that checked already: the block decodes to NaN.
+    packed, state = nf4.quantize_4bit(W, quant_type="nf4", check_finite=False)
+    assert nf4.dequantize_4bit(packed, state).isnan().any()
+
+
+@pytest.mark.parametrize("storage", [torch.int64, torch.bool, torch.float64, torch.complex64])
+def test_unsupported_quant_storage_is_refused(storage):
+    with pytest.raises(TypeError, match="quant_storage"):
+        nf4.quantize_4bit(torch.randn(64, device=DEVICE), quant_type="nf4", quant_storage=storage)
+    with pytest.raises(TypeError, match="quant_storage"):
+        Params4bit(torch.randn(4, 64), quant_storage=storage)
+    with pytest.raises(TypeError, match="quant_storage"):
+        QuantLinear4bit(IN, OUT, quant_storage=storage)

@@ -454,7 +454,7 @@ def _load(model: nn.Module, plan: _Plan, quantized: dict[str, QuantLinear4bit], 
                 module_name = plan.quantize[entry.name]
                 check(entry, t)
                 weight = t.to(opts.compute_dtype)
-                quantized[module_name].quantize_weight_(weight)
+                quantized[module_name].quantize_weight_(weight, check_finite=False)  # check() above, raised after the batch
                 if observer is not None:
                     observer(module_name, quantized[module_name], weight)
                 del weight, t
