@@ -11,13 +11,13 @@ Note: one pass over the output.
     three more times than the base matmul does (the delta, its scaled copy, the sum). Here the
     delta goes into the same buffer as the base product: the small rank-r GEMM writes
     ``b + s * (x A^T) B^T`` once and the large GEMM accumulates onto it with ``beta=1``
-    (cuBLAS reads C in its epilogue, hidden under the compute of a K=4096 GEMM). For few tokens,
-    where the fused dequantize-in-registers kernel of ``torch.ops.nf4.matmul`` wins, the base
-    product comes first and the delta is added in place with ``addmm_``.
+    (cuBLAS reads C in its epilogue, hidden under the compute of a K=4096 GEMM). Where the route
+    is a fused dequantize-in-registers kernel (few tokens), the base product comes first and the
+    delta is added in place with ``addmm_``.
 
 Note: what backward keeps.
-    Saved between forward and backward: the packed weight and its state (already resident),
-    ``x * mask`` (the input itself when there is no dropout, so no copy), the dropout mask
+    Saved between forward and backward: the checked weight (``PackedWeight``, already resident)
+    and the tensor holding its bytes, ``x * mask`` (the input itself when there is no dropout, so no copy), the dropout mask
     (bool), ``x A^T`` ([tokens, r]) and the compute-dtype copies of A and B. The dequantized
     weight is never saved: backward decodes it again into a transient buffer for
     ``dx = dy W`` and frees it at once, so no [out, in] float tensor lives between the passes.

@@ -32,6 +32,16 @@ Note: eager calls skip the op dispatch.
     struct and a dozen integers, or the Triton/reference backend's function. Traced calls
     (``torch.compile``, FakeTensor, tensor subclasses such as FSDP's DTensor) keep the ops, which
     have fake implementations and autograd formulas.
+
+    Measured on the H200 machine (host µs per call, 1 token, 4096x4096 bf16, an eager loop the
+    GPU waits on; F.linear 18.9 in the same run): ``nf4.matmul_4bit`` 100 at d3a16ab (custom op,
+    state checked per call) -> 15.4; ``QuantLinear4bit`` without adapter 80 -> 17.3;
+    bitsandbytes' ``matmul_4bit`` 32.1 and ``Linear4bit`` 40.2. What is left is the user's own
+    ``packed.t()`` (1.5), the output allocation (3), the launch through pybind11 (5.5) and the
+    freshness and input checks (~3). Registering the ops with PyTorch's C++ dispatcher was the
+    other option; it was not taken because the extension would then have to be built against
+    one torch's C++ ABI (today one build serves torch 2.11 and 2.13, since it includes no torch
+    header), while the direct call already costs less than ``F.linear``.
 """
 from __future__ import annotations
 
@@ -87,6 +97,20 @@ def eager(t: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+def _check_storage(t: torch.Tensor, name: str) -> None:
+    """A tensor's memory must hold its elements: FSDP frees an unsharded parameter's storage
+    (resizing it to 0 bytes) while the tensor keeps its shape, and a kernel reading it then reads
+    freed memory."""
+    if t.is_meta or not t.numel():
+        return
+    need = (t.storage_offset() + t.numel()) * t.element_size()
+    have = t.untyped_storage().nbytes()
+    if have < need:
+        raise ValueError(f"the {name}'s memory holds {have} bytes but the tensor needs {need}: its "
+                         f"storage was freed or shrunk (an FSDP-resharded parameter used outside its "
+                         f"module's forward/backward?)")
+
+
 class PackedWeight:
     """A validated 4-bit weight (see Note: validate once). Build it with ``packed_weight``.
 
@@ -108,6 +132,8 @@ class PackedWeight:
         flat = as_uint8(packed)
         state.validate(flat)
         codebook.check_levels(state.code, state.quant_type)
+        for name, t in (("packed weight", flat), ("absmax", state.absmax)):
+            _check_storage(t, name)
         # Where the checked bytes came from; ``current`` compares a call's tensor with it. A
         # copy (a non-contiguous source, another storage dtype's view, a misaligned offset) has
         # no source: it is correct for this call only and never cached.

@@ -117,6 +117,17 @@ def test_replacing_the_packed_bytes_rechecks(checks, how):
     assert len(checks) == before + 1
 
 
+def test_freed_packed_memory_is_refused():
+    """FSDP frees a gathered weight by resizing its storage to 0 bytes, keeping the shape."""
+    layer = _layer()
+    x = _x()
+    layer(x)
+    layer.weight.data = layer.weight.data.clone()
+    layer.weight.untyped_storage().resize_(0)
+    with pytest.raises(ValueError, match="storage was freed"):
+        layer(x)
+
+
 def test_a_shorter_packed_view_is_refused():
     layer = _layer()
     x = _x()
