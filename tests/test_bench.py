@@ -150,3 +150,58 @@ def test_profile_writes_top_functions(bench_host):
     text = out.getvalue()
     assert text.startswith("cProfile of 3 nf4.matmul_4bit calls, 1 token, 32x64, cpu")
     assert "cumulative" in text and "matmul_4bit" in text
+
+
+@pytest.fixture
+def bench_matmul():
+    return importlib.import_module("bench.bench_matmul")
+
+
+def test_matmul_calls_cycle_through_weight_copies(bench_matmul):
+    """Each library gets copies spanning rotate_bytes of its own format (4 KiB of bf16 and about
+    1 KiB of nf4 per 32x64 weight at 8 KiB: 2 and 8), every call computing its own copy's product."""
+    bm = bench_matmul
+    calls = bm.shape_calls(32, 64, CPU, rotate_bytes=8192)
+    assert len(calls["bf16"]) == 2 and len(calls["nf4"]) == 8
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        refs = [f(x).float() for f in calls["bf16"]]
+        assert (refs[0] - refs[1]).abs().max() > 0.1 * refs[0].abs().max()  # two different weights
+        for lib in ("nf4", "bnb"):
+            for i, fn in enumerate(calls.get(lib, [])):
+                ref = refs[i % 2]
+                # 4-bit error, as in test_every_4bit_row_computes_the_same_product.
+                assert (fn(x).float() - ref).abs().max() / ref.abs().max() < 0.3, (lib, i)
+    assert ("bnb" in calls) == (importlib.util.find_spec("bitsandbytes") is not None)
+    if "bnb" in calls:
+        assert len(calls["bnb"]) == 8
+
+
+def _check_matmul_section(bm, rows, libs):
+    assert [(r.shape, r.tokens) for r in rows] == [((32, 64), 1), ((32, 64), 3)]
+    for r in rows:
+        for times in (r.graph_us, r.eager_us, r.host_us):
+            assert sorted(times) == sorted(libs) and all(v > 0 for v in times.values())
+    body = bm.section(rows, 0.0045, "a route")
+    assert "auto backend: a route" in body and "measures 4.5 µs" in body
+    assert "| nf4 eager µs | bnb eager µs |" in body and "| nf4/bf16 eager | bnb/bf16 eager | nf4/bnb eager |" in body
+    assert body.count("| 32x64 |") == 2
+    return body
+
+
+def test_matmul_table_runs_on_cpu_without_bitsandbytes(bench_matmul, monkeypatch):
+    bm = bench_matmul
+    monkeypatch.setattr(bm, "bnb_weight", lambda W: None)
+    rows = bm.measure_rows([(32, 64)], [1, 3], CPU, rotate_bytes=8192)
+    body = _check_matmul_section(bm, rows, ["bf16", "nf4"])
+    assert "bitsandbytes is not installed here" in body
+    assert all(math.isnan(r.ratio("nf4", "bnb", "eager")) for r in rows)
+
+
+def test_matmul_table_runs_on_cpu_with_bitsandbytes(bench_matmul):
+    pytest.importorskip("bitsandbytes")
+    bm = bench_matmul
+    rows = bm.measure_rows([(32, 64)], [1, 3], CPU, rotate_bytes=8192)
+    body = _check_matmul_section(bm, rows, ["bf16", "nf4", "bnb"])
+    worst = max(rows, key=lambda r: r.ratio("nf4", "bnb", "eager"))
+    assert f"worst {worst.ratio('nf4', 'bnb', 'eager'):.3g} at 32x64, {worst.tokens} tokens" in body
