@@ -213,25 +213,34 @@ class Measured:
 
 def measure_calls(device: torch.device, out_features: int, in_features: int, calls: int, repeats: int,
                   warmup: int, profiled: int) -> list[Measured]:
-    """Every row of ``build_calls`` at one token: no_grad, and for LoRA rows grad too."""
+    """Every row of ``build_calls`` at one token: no_grad, and for LoRA rows grad too. All host
+    timings come first, the profiled runs after them: once started, the profiler's CUDA tracing
+    may stay attached to the process and tax later launches."""
     x = torch.randn(1, in_features, device=device, dtype=torch.bfloat16)
     x_grad = x.clone().requires_grad_(True)
-    results = []
+    runs = []  # (call, mode, grad context, one call)
     for call in build_calls(device, out_features, in_features):
-        timings = {}
-        for mode, context, inp in [("no_grad", torch.no_grad, x), ("grad", torch.enable_grad, x_grad)]:
-            if mode == "grad" and not call.lora:
-                continue
+        runs.append((call, "no_grad", torch.no_grad, functools.partial(call.fn, x)))
+        if call.lora:
+            runs.append((call, "grad", torch.enable_grad, functools.partial(call.fn, x_grad)))
+
+    def each(measure):
+        out = []
+        for call, mode, context, one in runs:
             if isinstance(call.fn, nn.Module):
                 call.fn.train(mode == "grad")
-            one = functools.partial(call.fn, inp)
             with context():
-                t = Timing(host_us(one, device, calls, repeats, warmup), *kernel_us(one, device, profiled))
-            timings[mode] = t
-            log.info("%s, %s: %.1f µs/call; kernels %.1f µs in %.1f launches", call.name, mode, t.us,
-                     t.device_us, t.kernels)
-        results.append(Measured(call.name, call.reference, timings["no_grad"], timings.get("grad")))
-    return results
+                out.append(measure(one))
+        return out
+
+    walls = each(lambda one: host_us(one, device, calls, repeats, warmup))
+    kernels = each(lambda one: kernel_us(one, device, profiled))
+    timings: dict[str, dict[str, Timing]] = {}
+    for (call, mode, _, _), us, (device_us, count) in zip(runs, walls, kernels):
+        timings.setdefault(call.name, {})[mode] = Timing(us, device_us, count)
+        log.info("%s, %s: %.1f µs/call; kernels %.1f µs in %.1f launches", call.name, mode, us, device_us, count)
+    refs = {call.name: call.reference for call, *_ in runs}
+    return [Measured(name, refs[name], t["no_grad"], t.get("grad")) for name, t in timings.items()]
 
 
 def calls_report(results: list[Measured]) -> tuple[str, list[list]]:
