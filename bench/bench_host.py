@@ -394,8 +394,9 @@ def profile_matmul(device: torch.device, out_features: int, in_features: int, ca
 
 
 # ------------------------------------------------------------------------------- main
-def report(calls_text: str, goals: list[list], gen_text: Optional[str], layers: int, args) -> str:
-    out_f, in_f = SHAPE
+def report(calls_text: str, goals: list[list], gen_text: Optional[str], layers: int, args,
+           shape: tuple[int, int] = SHAPE) -> str:
+    out_f, in_f = shape
     lines = [
         "## host: per-call host cost and transformers generate (`bench/bench_host.py`)",
         "",
@@ -432,6 +433,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="calls per timed loop")
     parser.add_argument("--repeats", type=int, default=5, help="timed loops per row (median)")
+    parser.add_argument("--warmup", type=int, default=200, help="untimed calls before a row's loops")
     parser.add_argument("--layers", type=int, default=LLAMA3_8B["num_hidden_layers"],
                         help="decoder layers of the generate model (32: Llama-3-8B)")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -443,6 +445,26 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run(args: argparse.Namespace, device: torch.device, shape: tuple[int, int] = SHAPE,
+        model_shape: dict = LLAMA3_8B) -> str:
+    """Both parts as ``args`` ask, on ``device``; returns the RESULTS.md section."""
+    results = measure_calls(device, *shape, calls=args.calls, repeats=args.repeats, warmup=args.warmup,
+                            profiled=min(200, args.calls))
+    calls_text, goals = calls_report(results)
+    gen_text = None
+    if transformers is None:
+        log.warning("transformers is not installed: generate not measured")
+    elif not args.no_generate:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the per-call rows' weights, freed when measure_calls returned
+        setups = ["bf16", "nf4"] + (["bnb"] if bnb is not None else [])
+        gen = measure_generate(device, model_shape, args.layers, setups, args.prompt, args.new_tokens,
+                               args.generate_repeats)
+        gen_text, gen_goals = generate_report(gen)
+        goals += gen_goals
+    return report(calls_text, goals, gen_text, args.layers, args, shape)
+
+
 def main() -> None:
     args = parse_args()
     require_cuda("bench_host")
@@ -451,17 +473,7 @@ def main() -> None:
     if args.profile:
         profile_matmul(device, *SHAPE, args.calls, 25, sys.stdout)
         return
-    results = measure_calls(device, *SHAPE, calls=args.calls, repeats=args.repeats, warmup=200, profiled=200)
-    calls_text, goals = calls_report(results)
-    gen_text = None
-    if transformers is not None and not args.no_generate:
-        torch.cuda.empty_cache()  # the per-call rows' weights, freed when measure_calls returned
-        setups = ["bf16", "nf4"] + (["bnb"] if bnb is not None else [])
-        gen = measure_generate(device, LLAMA3_8B, args.layers, setups, args.prompt, args.new_tokens,
-                               args.generate_repeats)
-        gen_text, gen_goals = generate_report(gen)
-        goals += gen_goals
-    write_section("host", report(calls_text, goals, gen_text, args.layers, args))
+    write_section("host", run(args, device))
 
 
 if __name__ == "__main__":

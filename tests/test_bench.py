@@ -205,3 +205,16 @@ def test_matmul_table_runs_on_cpu_with_bitsandbytes(bench_matmul):
     body = _check_matmul_section(bm, rows, ["bf16", "nf4", "bnb"])
     worst = max(rows, key=lambda r: r.ratio("nf4", "bnb", "eager"))
     assert f"worst {worst.ratio('nf4', 'bnb', 'eager'):.3g} at 32x64, {worst.tokens} tokens" in body
+
+
+def test_host_run_on_cpu_builds_the_section(bench_host):
+    """What main runs after the GPU check, on tiny shapes: both parts and the section text."""
+    pytest.importorskip("transformers")
+    bh = bench_host
+    args = bh.parse_args(["--calls", "2", "--repeats", "1", "--warmup", "1", "--layers", "1",
+                          "--new-tokens", "2", "--prompt", "3", "--generate-repeats", "1"])
+    body = bh.run(args, CPU, shape=(32, 64), model_shape=TINY)
+    assert body.startswith("## host: per-call host cost and transformers generate")
+    assert "Per call: 1 token, 32x64" in body and f"| {bh.NF4_LORA} |" in body
+    assert "| nf4 | 7 |" in body and "| generate: nf4 tokens/s / bf16 |" in body
+    assert f"| {bh.NF4_MATMUL} / {bh.F_LINEAR}, no grad |" in body
