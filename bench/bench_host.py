@@ -1,5 +1,4 @@
-"""What a 4-bit call costs on the host, and what that does to ``generate``: nf4 against bf16 and
-bitsandbytes, same run.
+"""Host µs per 4-bit call and transformers generate tokens/s: nf4, bf16 and bitsandbytes, same run.
 
     python -m bench.bench_host               # both parts, into the RESULTS.md section "host"
     python -m bench.bench_host --layers 2    # the generate rows on a 2-layer model (a quick check)
@@ -8,10 +7,9 @@ bitsandbytes, same run.
 
 Per call (issue 15's table): 1 token, 4096x4096, bf16 x, weight nf4 + double quant, blocksize 64.
 Each call runs ``--calls`` times back to back (after a warm-up) with one synchronize at the end;
-µs/call is that loop's wall time over the calls, the median of ``--repeats`` loops. One such call
-keeps an H200 busy for well under the host's time per call, so the GPU waits on Python and the
-figure is the host's cost: "GPU µs" (the kernels' own time per call, from torch.profiler) shows
-by how much. Rows: ``F.linear``; ``bnb.matmul_4bit`` and ``nf4.matmul_4bit`` (weight as
+µs/call is that loop's wall time over the calls, the median of ``--repeats`` loops. Where "GPU
+µs" (the kernels' own time per call, from torch.profiler, measured after all the loops) is below
+it, the GPU waited on Python and µs/call is the host's cost. Rows: ``F.linear``; ``bnb.matmul_4bit`` and ``nf4.matmul_4bit`` (weight as
 ``Linear4bit`` passes it, ``weight.t()``); ``bnb.nn.Linear4bit`` and ``nf4.nn.Linear4bit`` (bf16
 compute, built the same way, the second proving the drop-in); ``nf4.QuantLinear4bit``; LoRA r=16,
 alpha 32, dropout 0 around a bf16 ``nn.Linear`` and around ``bnb.nn.Linear4bit`` (``LoRA`` below:
