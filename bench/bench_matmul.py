@@ -118,6 +118,7 @@ def shape_calls(out_f: int, in_f: int, device: torch.device, rotate_bytes: int
     first = bnb_weight(W)
     if first is not None:
         bnb, q, qs = first
+        # bitsandbytes' packed codes, absmax codes and nested absmax are nf4's, byte for byte.
         bnb_weights = [(q, qs)] + [bnb_weight(Ws[i % len(Ws)])[1:] for i in range(1, copies(nf4_bytes))]
         calls["bnb"] = [lambda x, q=q, qs=qs: bnb.matmul_4bit(x, q.t(), quant_state=qs) for q, qs in bnb_weights]
     return calls
