@@ -4,30 +4,47 @@
     python -m bench.bench_matmul --sweep    # time candidate kernel configs (to tune choose_config)
 
 For each shape of ``nf4.testing.BENCH_SHAPES`` and token count of ``BENCH_TOKENS``: bf16 x,
-weight quantized to nf4 with double quantization and blocksize 64. Times are medians of
-``triton.testing.do_bench`` (L2 flushed before every call) over CUDA-graph replays of one call,
-under ``torch.no_grad()`` (bitsandbytes' 1-token kernel needs an input without grad): graphs take
-each library's Python overhead out, so the table compares GPU work; the "nf4 eager" column is
-the same call without a graph, Python dispatch included.
+weight quantized to nf4 with double quantization and blocksize 64, under ``torch.no_grad()``
+(bitsandbytes' 1-token kernel needs an input without grad). Two times per library:
+    graph   median of ``triton.testing.do_bench`` (L2 flushed before every call) over CUDA-graph
+            replays of one call: each library's Python overhead taken out, the GPU work compared;
+    eager   the plain call as a model makes it: back-to-back calls, each on the next of several
+            copies of the weight (``ROTATE_BYTES`` of them, so L2 never holds the weight, as in a
+            model whose layers each have their own), one synchronize at the end; wall µs per call,
+            median of ``EAGER_REPEATS`` loops. Where Python is slower than the kernel, this is
+            the host's cost; "host µs" is the loop's time before that synchronize (what Python
+            spends issuing one call, when the GPU keeps up).
+Without a CUDA GPU it prints one line and exits with status 2 (``bench.common.NO_GPU_EXIT``).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import nf4
-from bench.common import bench_ms, stamp, table, write_section
+from bench.common import bench_ms, require_cuda, stamp, sync, table, write_section
 from nf4.testing import BENCH_SHAPES, BENCH_TOKENS
 
 log = logging.getLogger("bench_matmul")
 
 # The issue's goals on the H100, nf4 time / bf16 time at the worst shape.
 GOALS = {1: 0.40, 16: 0.50, 128: 1.0, 4096: 1.05}
+# Issue 15: matmul_4bit called eagerly never slower than bnb.matmul_4bit, nf4 eager / bnb eager.
+EAGER_GOAL = 1.0
+# Weight bytes the eager loop cycles through: 256 MiB, do_bench's L2 flush buffer, 5x the H100's
+# and H200's 50 MB L2.
+ROTATE_BYTES = 256 * 2**20
+EAGER_REPEATS = 3
+EAGER_LOOP_S = 0.05  # aim of one eager loop's length (20 to 1000 calls)
 
 
 def graphed(fn: Callable[[], object]) -> Callable[[], object]:
@@ -44,8 +61,17 @@ def graphed(fn: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
-def timed(fn: Callable[[], object]) -> float:
-    """Median ms of ``fn`` replayed from a CUDA graph (eager, with a warning, if capture fails)."""
+def timed(fn: Callable[[], object], device: torch.device = torch.device("cuda")) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph (eager, with a warning, if capture fails).
+    On a CPU (the tests' dry run of this script) a plain median of 5 timed calls."""
+    if device.type != "cuda":
+        fn()
+        samples = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(samples)
     try:
         replay = graphed(fn)
     except RuntimeError as e:
@@ -54,8 +80,8 @@ def timed(fn: Callable[[], object]) -> float:
     return bench_ms(replay)[0]
 
 
-def quantized(out_f: int, in_f: int):
-    W = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02
+def quantized(out_f: int, in_f: int, device: torch.device = torch.device("cuda")):
+    W = torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16) * 0.02
     packed, state = nf4.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
     return W, packed, state
 
@@ -67,6 +93,122 @@ def bnb_weight(W: torch.Tensor):
         return None
     q, qs = bnb.functional.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
     return bnb, q, qs
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def shape_calls(out_f: int, in_f: int, device: torch.device, rotate_bytes: int
+                ) -> dict[str, list[Callable[[torch.Tensor], torch.Tensor]]]:
+    """{library: [one call per weight copy]} for bf16, nf4 and (when installed) bnb; each library
+    gets enough copies of a random weight to span ``rotate_bytes`` of its own format."""
+    def copies(nbytes: int) -> int:
+        return max(1, math.ceil(rotate_bytes / nbytes))
+
+    W, packed, state = quantized(out_f, in_f, device)
+    Ws = [W] + [torch.randn_like(W) * 0.02 for _ in range(copies(_nbytes(W)) - 1)]
+    # Default arguments bind each copy to its own call.
+    calls = {"bf16": [lambda x, w=w: F.linear(x, w) for w in Ws]}
+    nf4_bytes = _nbytes(packed, state.absmax, *((state.state2.absmax,) if state.nested else ()))
+    nf4_weights = [(packed, state)] + [
+        nf4.quantize_4bit(Ws[i % len(Ws)], blocksize=64, compress_statistics=True, quant_type="nf4")
+        for i in range(1, copies(nf4_bytes))]
+    calls["nf4"] = [lambda x, p=p, st=st: nf4.matmul_4bit(x, p.t(), st) for p, st in nf4_weights]
+    first = bnb_weight(W)
+    if first is not None:
+        bnb, q, qs = first
+        # bitsandbytes' packed codes, absmax codes and nested absmax are nf4's, byte for byte.
+        bnb_weights = [(q, qs)] + [bnb_weight(Ws[i % len(Ws)])[1:] for i in range(1, copies(nf4_bytes))]
+        calls["bnb"] = [lambda x, q=q, qs=qs: bnb.matmul_4bit(x, q.t(), quant_state=qs) for q, qs in bnb_weights]
+    return calls
+
+
+def eager_us(fns: list[Callable[[], object]], device: torch.device, graph_ms: float,
+             repeats: int = EAGER_REPEATS) -> tuple[float, float]:
+    """(wall µs, issue µs) per call of back-to-back calls cycling through ``fns``, medians of
+    ``repeats`` loops of about ``EAGER_LOOP_S`` (from the graph time) after one warm-up pass."""
+    n = min(1000, max(20, int(EAGER_LOOP_S / max(graph_ms * 1e-3, 1e-6))))
+    for fn in fns:
+        fn()
+    sync(device)
+    walls, issues = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(n):
+            fns[i % len(fns)]()
+        issued = time.perf_counter()
+        sync(device)
+        end = time.perf_counter()
+        walls.append((end - start) / n * 1e6)
+        issues.append((issued - start) / n * 1e6)
+    return statistics.median(walls), statistics.median(issues)
+
+
+@dataclass
+class Row:
+    shape: tuple[int, int]
+    tokens: int
+    graph_us: dict[str, float]
+    eager_us: dict[str, float]
+    host_us: dict[str, float]
+
+    def ratio(self, lib: str, ref: str, kind: str) -> float:
+        times = self.graph_us if kind == "graph" else self.eager_us
+        return times[lib] / times[ref] if lib in times and ref in times else math.nan
+
+
+@torch.no_grad()
+def measure_rows(shapes, token_counts, device: torch.device, rotate_bytes: int = ROTATE_BYTES) -> list[Row]:
+    """Graph and eager times of every library at every shape and token count."""
+    rows = []
+    for out_f, in_f in shapes:
+        calls = shape_calls(out_f, in_f, device, rotate_bytes)
+        for tokens in token_counts:
+            x = torch.randn(tokens, in_f, device=device, dtype=torch.bfloat16)
+            row = Row((out_f, in_f), tokens, {}, {}, {})
+            for lib, fns in calls.items():
+                bound = [lambda f=f: f(x) for f in fns]
+                row.graph_us[lib] = timed(bound[0], device) * 1e3
+                row.eager_us[lib], row.host_us[lib] = eager_us(bound, device, row.graph_us[lib] * 1e-3)
+            rows.append(row)
+            log.info("%s", row)
+        del calls
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def report_rows(rows: list[Row]) -> tuple[str, list[list], list]:
+    """(table, goal rows per token count, worst eager nf4/bnb row as [ratio, shape, tokens])."""
+    nan = math.nan
+    lines = []
+    for r in rows:
+        out_f, in_f = r.shape
+        lines.append([f"{out_f}x{in_f}", r.tokens,
+                      *(r.graph_us.get(k, nan) for k in ("bf16", "nf4", "bnb")),
+                      *(r.eager_us.get(k, nan) for k in ("bf16", "nf4", "bnb")),
+                      r.host_us.get("nf4", nan), r.host_us.get("bnb", nan),
+                      r.ratio("nf4", "bf16", "graph"), r.ratio("bnb", "bf16", "graph"),
+                      r.ratio("nf4", "bf16", "eager"), r.ratio("bnb", "bf16", "eager"),
+                      r.ratio("nf4", "bnb", "eager"),
+                      2.0 * r.tokens * out_f * in_f / (r.graph_us["nf4"] * 1e-6) / 1e12])
+    goal_rows = []
+    for t in dict.fromkeys(r.tokens for r in rows):
+        at = [r for r in rows if r.tokens == t]
+        worst = max(r.ratio("nf4", "bf16", "graph") for r in at)
+        goal = GOALS.get(t)
+        goal_rows.append([t, worst, "-" if goal is None else goal,
+                          "-" if goal is None else ("met" if worst <= goal else "missed"),
+                          max(r.ratio("nf4", "bf16", "eager") for r in at),
+                          max(r.ratio("nf4", "bnb", "eager") for r in at)])
+    eager = [(r.ratio("nf4", "bnb", "eager"), f"{r.shape[0]}x{r.shape[1]}", r.tokens) for r in rows]
+    eager = [e for e in eager if not math.isnan(e[0])]
+    worst_eager = list(max(eager)) if eager else []
+    text = table(["shape (out x in)", "tokens", "bf16 µs", "nf4 µs", "bnb µs", "bf16 eager µs",
+                  "nf4 eager µs", "bnb eager µs", "nf4 host µs", "bnb host µs", "nf4/bf16", "bnb/bf16",
+                  "nf4/bf16 eager", "bnb/bf16 eager", "nf4/bnb eager", "nf4 TFLOP/s"], lines)
+    return text, goal_rows, worst_eager
 
 
 def auto_route() -> str:
@@ -91,48 +233,41 @@ def harness_floor_ms() -> float:
 
 
 def run_table() -> None:
-    rows = []
-    worst: dict[int, float] = {}
+    device = torch.device("cuda")
     floor = harness_floor_ms()
-    for out_f, in_f in BENCH_SHAPES:
-        W, packed, state = quantized(out_f, in_f)
-        bnb_state = bnb_weight(W)
-        for tokens in BENCH_TOKENS:
-            x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
-            flops = 2.0 * tokens * out_f * in_f
-            fns = {"bf16": lambda: F.linear(x, W),
-                   "nf4": lambda: nf4.matmul_4bit(x, packed.t(), state)}
-            if bnb_state is not None:
-                bnb, q, qs = bnb_state
-                fns["bnb"] = lambda: bnb.matmul_4bit(x, q.t(), quant_state=qs)
-            ms = {k: timed(f) for k, f in fns.items()}
-            eager = bench_ms(fns["nf4"])[0]
-            ratio = ms["nf4"] / ms["bf16"]
-            worst[tokens] = max(worst.get(tokens, 0.0), ratio)
-            bnb_ratio = ms["bnb"] / ms["bf16"] if "bnb" in ms else float("nan")
-            rows.append([f"{out_f}x{in_f}", tokens, ms["bf16"] * 1e3, ms["nf4"] * 1e3,
-                         ms.get("bnb", float("nan")) * 1e3, eager * 1e3, ratio, bnb_ratio,
-                         flops / ms["nf4"] / 1e9])
-            log.info("%s", rows[-1])
-        del W, packed, state, bnb_state
-        torch.cuda.empty_cache()
-    goal_rows = [[t, worst[t], GOALS.get(t, "-"),
-                  "met" if t in GOALS and worst[t] <= GOALS[t] else ("-" if t not in GOALS else "missed")]
-                 for t in BENCH_TOKENS]
-    body = "\n\n".join([
+    write_section("matmul", section(measure_rows(BENCH_SHAPES, BENCH_TOKENS, device), floor, auto_route()))
+
+
+def section(rows: list[Row], floor_ms: float, route: str) -> str:
+    """The RESULTS.md section: the table, the goals, how it was measured (``route``: what the
+    auto backend runs, ``floor_ms``: the harness floor)."""
+    text, goal_rows, worst_eager = report_rows(rows)
+    if worst_eager:
+        ratio, shape, tokens = worst_eager
+        eager_goal = (f"Eager, nf4 vs bitsandbytes (issue 15: never slower, nf4/bnb eager <= {EAGER_GOAL} at every "
+                      f"shape and token count): worst {ratio:.3g} at {shape}, {tokens} tokens: "
+                      f"{'met' if ratio <= EAGER_GOAL else 'missed'}.")
+    else:
+        eager_goal = "Eager, nf4 vs bitsandbytes: bitsandbytes is not installed here, not compared."
+    return "\n\n".join([
         "## matmul: fused 4-bit matmul vs bf16 F.linear and bitsandbytes",
         stamp(),
         "bf16 x; weight nf4 + double quant, blocksize 64; `nf4.matmul_4bit` (auto backend: "
-        f"{auto_route()}) vs `F.linear` bf16 vs `bnb.matmul_4bit`. Median µs of CUDA-graph replays, L2 "
-        "flushed, under no_grad; 'nf4 eager' is the plain call (Python dispatch included). "
-        "Ratios are time / bf16 time (lower is better); TFLOP/s is nf4's. Harness floor: a 1-element "
-        f"fill kernel timed the same way measures {floor * 1e3:.1f} µs (included in every figure).",
-        table(["shape (out x in)", "tokens", "bf16 µs", "nf4 µs", "bnb µs", "nf4 eager µs",
-               "nf4/bf16", "bnb/bf16", "nf4 TFLOP/s"], rows),
-        "Worst shape per token count vs the issue's goals (H100):",
-        table(["tokens", "worst nf4/bf16", "goal", ""], goal_rows),
+        f"{route}) vs `F.linear` bf16 vs `bnb.matmul_4bit`, under no_grad. µs: median of "
+        "CUDA-graph replays of one call, L2 flushed (GPU work, no Python). eager µs: the plain call "
+        f"as a model makes it, back to back, cycling through copies of the weight spanning "
+        f"{ROTATE_BYTES // 2**20} MiB per library (so L2 never holds it), one synchronize per loop, "
+        f"median of {EAGER_REPEATS} loops (Python and launch included). host µs: that loop's time "
+        "before its synchronize per call (what Python spends issuing one; meaningful where below the "
+        "eager time). Ratios are time / bf16 time, same kind (lower is better); nf4/bnb eager: "
+        "eager time over bitsandbytes' eager time. TFLOP/s is nf4's (graph). Harness floor: a "
+        f"1-element fill kernel timed the same way measures {floor_ms * 1e3:.1f} µs (included in every "
+        "graph figure).",
+        text,
+        "Worst shape per token count vs the issue's goals (H100; graph times), with the worst eager ratios:",
+        table(["tokens", "worst nf4/bf16", "goal", "", "worst nf4/bf16 eager", "worst nf4/bnb eager"], goal_rows),
+        eager_goal,
     ])
-    write_section("matmul", body)
 
 
 def sweep_configs(tokens: int):
@@ -251,6 +386,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=lambda v: [int(t) for t in v.split(",")], default=None,
                         help="sweep only these token counts (comma-separated)")
     args = parser.parse_args()
+    require_cuda("bench_matmul")
     logging.basicConfig(level=logging.INFO)
     with torch.no_grad():
         if args.sweep and args.cuda:

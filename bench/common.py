@@ -18,6 +18,9 @@ from typing import Callable, Sequence
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# Exit status of a GPU benchmark started where no CUDA GPU is visible: 2, as argparse uses for a
+# command that cannot run as asked; nothing was measured, so nothing is written.
+NO_GPU_EXIT = 2
 _HEADER = "# Benchmark results\n\nWritten by the scripts in `bench/`; each section says where and when it was measured.\n"
 
 
@@ -26,6 +29,20 @@ def bench_ms(fn: Callable[[], object], quantiles=(0.5, 0.2, 0.8), warmup: int = 
     from triton.testing import do_bench  # optional: benchmarks run on the GPU machine only
 
     return tuple(do_bench(fn, warmup=warmup, rep=rep, quantiles=list(quantiles)))
+
+
+def require_cuda(prog: str) -> None:
+    """Leave with one line on stderr and status ``NO_GPU_EXIT`` when no CUDA GPU is visible (a
+    traceback from the first ``device="cuda"`` would bury the reason)."""
+    if not torch.cuda.is_available():
+        sys.stderr.write(f"{prog}: needs a CUDA GPU and torch sees none; nothing measured\n")
+        raise SystemExit(NO_GPU_EXIT)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CPU work is synchronous already)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def commit() -> str:
