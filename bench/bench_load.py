@@ -7,8 +7,9 @@ Writes a Llama-3-8B-shaped checkpoint with random bf16 weights (~16 GB, 4 shards
 (or ``$NF4_BENCH_LOAD_DIR``; default /tmp/nf4_bench_load), announcing its size and the free disk
 first, then loads it in fresh processes, one loader after the other in turn:
 
-- ``nf4 (mmap)`` / ``nf4 (read)``: ``nf4.from_pretrained`` (nf4, double quant, bf16 compute) with
-  ``NF4_LOAD_IO`` forcing each I/O strategy (nf4.loading.io; ``auto`` is mmap where files map);
+- ``nf4 (auto)`` / ``nf4 (mmap)`` / ``nf4 (read)``: ``nf4.from_pretrained`` (nf4, double quant,
+  bf16 compute) with ``NF4_LOAD_IO`` set to each I/O strategy (nf4.loading.io; ``auto``, the
+  default, maps the files and preads chunks that are not in the page cache);
 - ``transformers + bitsandbytes``: the same quantization through transformers (when bitsandbytes
   imports and there is a GPU);
 - ``raw mmap``: the ceiling the issue names: each shard mmap'd, ``torch.frombuffer`` over it, copied
@@ -61,7 +62,7 @@ DIR_ENV = "NF4_BENCH_LOAD_DIR"
 PROBE = "model.layers.0.mlp.down_proj.weight"
 # The raw ceiling's chunk, as the issue measured it (1.81 s for 16 GB on the H200 machine).
 RAW_CHUNK_BYTES = 256 * 2**20
-LOADERS = {"nf4:mmap": "nf4 (mmap)", "nf4:read": "nf4 (read)", "bnb": "transformers + bitsandbytes",
+LOADERS = {"nf4:auto": "nf4 (auto)", "nf4:mmap": "nf4 (mmap)", "nf4:read": "nf4 (read)", "bnb": "transformers + bitsandbytes",
            "raw": "raw mmap + frombuffer, 256 MB chunks"}
 GB = 1e9
 
@@ -298,11 +299,11 @@ def main() -> None:
     if args.prepare:
         return
     cuda = torch.cuda.is_available()
-    loaders = ["nf4:mmap", "nf4:read", "raw"]
+    loaders = ["nf4:auto", "nf4:mmap", "nf4:read", "raw"]
     if importlib.util.find_spec("bitsandbytes") is None or not cuda:
         print("no bitsandbytes or no GPU: no transformers + bitsandbytes row", flush=True)
     else:
-        loaders.insert(2, "bnb")
+        loaders.insert(3, "bnb")
 
     results: dict[tuple[str, str], list[dict]] = {}
     skipped: list[str] = []
@@ -329,8 +330,8 @@ def main() -> None:
         for v in loaders:
             run(v, "warm")
     # Diagnostics, warm, one run each: bytes to the device through nf4's pipeline only, and the
-    # mmap load with twice the reader threads.
-    diagnostics = ["stream:mmap", "stream:read"] + (["nf4:mmap:16"] if cuda else [])
+    # default load with twice the reader threads.
+    diagnostics = ["stream:mmap", "stream:read"] + (["nf4:auto:16"] if cuda else [])
     for v in diagnostics:
         run(v, "warm")
     cold_read = None
@@ -362,7 +363,7 @@ def main() -> None:
             f"raw: every shard mmap'd, torch.frombuffer, 256 MB pageable copies to the device, no "
             f"parsing or quantization (the ceiling).", "", table(headers, rows), ""]
     for cache in ("warm", "cold"):
-        for v in ("nf4:mmap", "nf4:read"):
+        for v in ("nf4:auto", "nf4:mmap", "nf4:read"):
             if (v, cache) not in wall:
                 continue
             parts = []
@@ -379,16 +380,15 @@ def main() -> None:
         body.append(f"- nf4 peak GPU - final: at most {max(r[8] - r[9] for r in nf4_rows):.2f} GB (goal <= "
                     f"largest tensor {largest / GB:.2f} GB); nf4 peak RssAnon at most "
                     f"{max(r[6] for r in nf4_rows):.2f} GB (goal <= 1.5 GB).")
-    probes = {v: args.dir / f"probe_{v.replace(':', '_')}.safetensors" for v in ("nf4:mmap", "nf4:read", "bnb")}
-    if probes["nf4:read"].exists():
-        body += ["", f"Quantized bytes of `{PROBE}`, nf4 mmap vs read: "
-                     f"{compare_probes(probes['nf4:mmap'], probes['nf4:read'])}."]
-    if probes["bnb"].exists():
-        body.append(f"nf4 mmap vs bitsandbytes: {compare_probes(probes['nf4:mmap'], probes['bnb'])}.")
+    probes = {v: args.dir / f"probe_{v.replace(':', '_')}.safetensors" for v in LOADERS}
+    same = [f"- nf4 (auto) vs {LOADERS[other]}: {compare_probes(probes['nf4:auto'], probes[other])}."
+            for other in ("nf4:mmap", "nf4:read", "bnb") if probes["nf4:auto"].exists() and probes[other].exists()]
+    if same:
+        body += ["", f"Quantized bytes of `{PROBE}`:"] + same
     body += ["", "Diagnostics (warm, one run each): " + ", ".join(
         f"{v} {wall[(v, 'warm')]:.2f} s" for v in diagnostics if (v, "warm") in wall)
         + f" (stream:S = bytes to the device through nf4's pipeline with I/O strategy S, no quantization; "
-          f"nf4:mmap:16 = the mmap load with 16 reader threads instead of {io.READER_THREADS})."]
+          f"nf4:auto:16 = the default load with 16 reader threads instead of {io.READER_THREADS})."]
     if skipped:
         body += ["", f"Skipped to stay within {args.budget_s:.0f} s: {', '.join(skipped)}."]
     print(f"benchmark took {time.perf_counter() - began:.0f} s", flush=True)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from nf4.loading import io
 from nf4.loading.checkpoint import DTYPES, Checkpoint, read_header
 
-STRATEGIES = ("mmap", "read")
+STRATEGIES = ("auto", "mmap", "read")
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -211,6 +211,39 @@ def test_mmap_failure_falls_back_to_read_with_one_log_line(tmp_path, monkeypatch
         stream(ckpt.entries.values(), "mmap")
 
 
+def test_auto_reads_chunks_not_in_the_page_cache(tmp_path, monkeypatch):
+    """auto: a chunk whose first page is cached is copied from the map, any other is pread."""
+    folder = _two_shards(tmp_path)
+    ckpt = Checkpoint(folder)
+    theirs = {k: v for s in ckpt.shards for k, v in load_file(str(s)).items()}
+    preads = []
+    real_pread_into = io._pread_into
+    monkeypatch.setattr(io, "_pread_into", lambda *a: preads.append(a[3].name) or real_pread_into(*a))
+    for cached in (True, False):
+        preads.clear()
+        monkeypatch.setattr(io, "_cached", lambda fd, offset: cached)
+        assert_same_bytes(stream(ckpt.entries.values(), "auto", with_destination=True), theirs)
+        assert sorted(preads) == ([] if cached else sorted(theirs))
+
+
+def test_cached_probe(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(1 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.read(fd, 1 << 20)
+        assert io._cached(fd, 4096)
+        monkeypatch.setattr(os, "preadv", _fail("preadv"))  # a filesystem refusing RWF_NOWAIT
+        assert io._cached(fd, 4096)
+
+        def would_block(*args):
+            raise BlockingIOError(errno.EAGAIN, "not cached")
+        monkeypatch.setattr(os, "preadv", would_block)
+        assert not io._cached(fd, 4096)
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------------------- memory
 RSS_CHILD = textwrap.dedent("""
     import json, sys, torch
@@ -253,10 +286,11 @@ def test_cpu_load_anonymous_memory(tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         over[strategy] = json.loads(proc.stdout.strip().splitlines()[-1])["over_start"]
-    # read(): the tensor held, every page touched. mmap: no tensor's bytes in anonymous memory;
+    # read(): the tensor held, every page touched. mmap and auto (views on the CPU): no tensor's
+    # bytes in anonymous memory;
     # 8 MiB covers allocator and interpreter noise (measured: under 1 MiB).
     assert over["read"] >= TENSOR_BYTES, over
-    assert over["mmap"] < 8 * 2**20, over
+    assert over["mmap"] < 8 * 2**20 and over["auto"] < 8 * 2**20, over
 
 
 MODEL_CHILD = textwrap.dedent("""

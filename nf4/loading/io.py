@@ -5,7 +5,7 @@ Only entries of a validated ``Checkpoint`` come here (dtype, shape, byte span in
 against the end of every span this load reads from it, and on the mmap path again before every
 chunk, so a shard truncated after validation raises ValueError naming the file and the tensor.
 
-Two strategies, one pipeline (``stream_tensors``):
+Two ways to take the bytes, one pipeline (``stream_tensors``):
 
 - ``mmap``: each shard is mapped once (``MAP_PRIVATE``; nothing writes through it) and bytes are
   copied straight out of the page cache. To CUDA, reader threads copy chunks of the map into pinned
@@ -13,25 +13,30 @@ Two strategies, one pipeline (``stream_tensors``):
   tensor with no destination is a view of the mapped pages: no copy at all.
 - ``read``: the same pipeline with ``pread`` into the pinned buffers (CUDA), or into the tensor
   (CPU).
+- ``auto`` (the default): mmap for chunks whose pages are in the page cache, ``pread`` for the
+  others, ``read`` where a file cannot be mapped (See Note: choosing between mmap and read()).
 
 Note: choosing between mmap and read().
-    The two cost differently per machine. On the H200 machine (16 cores, commit d3a16ab, 16 GB
-    Llama-3-8B bf16, page cache warm) a Python ``read()`` of the shards ran at 1.64 GB/s and the
-    whole nf4 load, 8 threads of ``pread`` into pinned buffers, took 7.5 s, while mmap +
+    The two cost differently per machine and per page-cache state. Warm, on the H200 machine (16
+    cores, commit d3a16ab, 16 GB Llama-3-8B bf16) a Python ``read()`` of the shards ran at 1.64 GB/s
+    and the whole nf4 load, 8 threads of ``pread`` into pinned buffers, took 7.5 s, while mmap +
     ``torch.frombuffer`` moved the 16 GB to the GPU in 256 MB chunks in 1.81 s (8.9 GB/s) on one
     thread: that machine's read syscalls are slow and its page faults are not. On the H100
-    machine the same ``pread`` pipeline moved 16 GB in 0.73 s (22 GB/s, bench/RESULTS.md). On
-    the 2-core development VM, 256 MB page cache to memory: ``np.copyto`` from a fresh map
-    1.0 GB/s (page faults included), ``readinto`` 0.96 GB/s. mmap pays page faults (one per
-    64 KiB with fault-around) instead of a syscall plus a kernel copy per read, and reader threads
-    take the faults in parallel, so it is never slower where a warm page cache holds the file.
-    Rule (``auto``): map every shard; a shard that cannot be mapped (a filesystem without mmap:
-    OSError) is read with ``read()``, announced by one log line per load. ``read`` remains the
-    choice for a file that is not in the page cache on a network filesystem, where each fault
-    fetches a readahead window rather than 32 MiB. ``NF4_LOAD_IO=mmap|read|auto`` (or
-    ``strategy=``) forces one; a forced mmap that fails raises. bench/bench_load.py measures
-    both, warm and cold, beside the raw mmap-to-GPU ceiling; its table is the evidence for
-    revising this rule.
+    machine the ``pread`` pipeline moved 16 GB in 0.73 s (22 GB/s, bench/RESULTS.md). mmap pays a
+    page fault per 64 KiB (fault-around) instead of a syscall and a kernel copy per read, and the
+    reader threads take the faults in parallel. Cold (pages not in the cache), a fault reads one
+    readahead window while ``pread`` asks the disk for the whole 32 MiB chunk: on the 2-core
+    development VM, 256 MB dropped with POSIX_FADV_DONTNEED, 4 threads, 32 MiB chunks, ``pread``
+    ran at 1.34 and 0.54 GB/s in two runs, copies from the map (MADV_WILLNEED or not) at 0.76-0.93
+    and 0.34-0.39 GB/s (one thread: mixed, 0.63 vs 0.57 and 0.36 vs 0.61).
+    Rule (``auto``): map every shard; copy each chunk from the map when its first page is in the
+    page cache (a 1-byte ``preadv`` with RWF_NOWAIT, ~2.4 us per 32 MiB chunk), else ``pread`` it
+    (which also fills the cache). A shard that cannot be mapped (a filesystem without mmap:
+    OSError) is read with ``read()``, announced by one log line per load. On the CPU, a tensor
+    without a destination is a view of the map whatever the cache holds (no copy, no memory).
+    ``NF4_LOAD_IO=mmap|read|auto`` (or ``strategy=``) forces one; a forced mmap that fails
+    raises. bench/bench_load.py measures the three, warm and cold, beside the raw mmap-to-GPU
+    ceiling: its table is the evidence for revising this rule.
 
 Note: memory of the mmap path.
     Mapped pages are page cache: file-backed, counted in RssFile (so in RSS, as transformers'
@@ -67,6 +72,7 @@ log = logging.getLogger(__name__)
 
 STRATEGY_ENV = "NF4_LOAD_IO"
 STRATEGIES = ("auto", "mmap", "read")
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 
 # Staging for host -> GPU: chunks of 32 MiB, 12 of them (384 MiB pinned). Eight reader threads
 # keep 8 chunks in flight while up to 4 wait for or ride the copy engine; one thread reads page
@@ -88,6 +94,20 @@ def resolve_strategy(strategy: Optional[str] = None) -> str:
         source = "strategy" if strategy is not None else STRATEGY_ENV
         raise ValueError(f"{source} must be one of {list(STRATEGIES)}, got {value!r}")
     return value
+
+
+def _cached(fd: int, offset: int) -> bool:
+    """Whether the page holding byte ``offset`` is in the page cache: a 1-byte read that may not
+    wait for the disk (RWF_NOWAIT, Linux). Unknown (no RWF_NOWAIT, or a filesystem that refuses
+    it) counts as cached: the map serves either way."""
+    if _RWF_NOWAIT is None:
+        return True
+    try:
+        return os.preadv(fd, [bytearray(1)], offset, _RWF_NOWAIT) == 1
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 class _Shards:
@@ -140,7 +160,8 @@ class _Shards:
         """Bytes ``[start, start + len(out))`` of ``entry`` into ``out`` (uint8, contiguous)."""
         offset = entry.offset + start
         mapped = self._maps[entry.shard]
-        if mapped is None:
+        if mapped is None or (self.strategy == "auto" and not _cached(self._fds[entry.shard], offset)):
+            # Not mapped, or (auto) not in the page cache: See Note: choosing between mmap and read().
             _pread_into(self._fds[entry.shard], memoryview(out).cast("B"), offset, entry)
             return
         # See Note: a file truncated while mapped.
