@@ -324,6 +324,41 @@ def test_cpu_model_keeps_no_mapped_pages(fixtures, tmp_path):
 
 
 # ------------------------------------------------------------------------------- GPU
+class _NoEvent:
+    def record(self):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("with_destination", [False, True])
+@pytest.mark.parametrize("chunk", [io.STAGING_CHUNK_BYTES, 4099, 7])
+def test_staging_pipeline_logic_on_cpu(tmp_path, monkeypatch, strategy, with_destination, chunk):
+    """The CUDA pipeline (chunking, reader threads, slot reuse, order, empty tensors) run with
+    CPU stand-ins for pinned memory and CUDA events, so it is checked where there is no GPU."""
+    real_empty = torch.empty
+    fake_torch = type(sys)("fake_torch")
+    fake_torch.__dict__.update({k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    fake_torch.empty = lambda *a, pin_memory=False, **k: real_empty(*a, **k)
+    fake_torch.cuda = type(sys)("fake_cuda")
+    fake_torch.cuda.Event = _NoEvent
+    monkeypatch.setattr(io, "torch", fake_torch)
+    monkeypatch.setattr(io, "STAGING_CHUNK_BYTES", chunk)
+    path = tmp_path / "model.safetensors"
+    write_raw(path, every_dtype_tensors(1) + [("big", "BF16", [3, 40001], os.urandom(3 * 40001 * 2))], 3)
+    entries = list(read_header(path)[0].values())
+    shards = io._Shards(entries, strategy)
+    dest = (lambda e: real_empty(e.shape, dtype=e.dtype)) if with_destination else None
+    try:
+        ours = {e.name: t for e, t in io._stream_cuda(entries, torch.device("cpu"), dest, None, shards)}
+    finally:
+        shards.close()
+    assert list(ours) == [e.name for e in entries]  # handed out in order
+    assert_same_bytes(ours, load_file(str(path)))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("with_destination", [False, True])
