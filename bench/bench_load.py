@@ -62,8 +62,8 @@ DIR_ENV = "NF4_BENCH_LOAD_DIR"
 PROBE = "model.layers.0.mlp.down_proj.weight"
 # The raw ceiling's chunk, as the issue measured it (1.81 s for 16 GB on the H200 machine).
 RAW_CHUNK_BYTES = 256 * 2**20
-LOADERS = {"nf4:auto": "nf4 (auto)", "nf4:mmap": "nf4 (mmap)", "nf4:read": "nf4 (read)", "bnb": "transformers + bitsandbytes",
-           "raw": "raw mmap + frombuffer, 256 MB chunks"}
+LOADERS = {"nf4:auto": "nf4 (auto)", "nf4:mmap": "nf4 (mmap)", "nf4:read": "nf4 (read)",
+           "bnb": "transformers + bitsandbytes", "raw": "raw mmap + frombuffer, 256 MB chunks"}
 GB = 1e9
 
 
