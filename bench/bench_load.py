@@ -1,7 +1,7 @@
 """Loading an 8B-shaped bf16 checkpoint into 4 bits: nf4 (mmap, read) vs transformers + bnb vs raw mmap.
 
     python -m bench.bench_load [--dir DIR] [--shape llama3-8b|tiny] [--repeats 2] [--cold-repeats 1]
-                               [--prepare] [--keep]
+                               [--budget-s 540] [--prepare] [--keep]
 
 Writes a Llama-3-8B-shaped checkpoint with random bf16 weights (~16 GB, 4 shards) under ``--dir``
 (or ``$NF4_BENCH_LOAD_DIR``; default /tmp/nf4_bench_load), announcing its size and the free disk
