@@ -1,4 +1,4 @@
-"""Loading an 8B-shaped bf16 checkpoint into 4 bits: nf4 (mmap, read) vs transformers + bnb vs raw mmap.
+"""Loading an 8B-shaped bf16 checkpoint into 4 bits: nf4 (auto, mmap, read) vs transformers + bnb vs raw mmap.
 
     python -m bench.bench_load [--dir DIR] [--shape llama3-8b|tiny] [--repeats 2] [--cold-repeats 1]
                                [--budget-s 540] [--prepare] [--keep]
@@ -11,7 +11,7 @@ first, then loads it in fresh processes, one loader after the other in turn:
   bf16 compute) with ``NF4_LOAD_IO`` set to each I/O strategy (nf4.loading.io; ``auto``, the
   default, maps the files and preads chunks that are not in the page cache);
 - ``transformers + bitsandbytes``: the same quantization through transformers (when bitsandbytes
-  imports and there is a GPU);
+  is installed and there is a GPU);
 - ``raw mmap``: the ceiling the issue names: each shard mmap'd, ``torch.frombuffer`` over it, copied
   to the device in 256 MB chunks (no parsing, no quantization).
 
