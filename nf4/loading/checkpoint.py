@@ -13,19 +13,18 @@ Note: why the header is parsed here rather than through ``safe_open``.
     destination: a CPU tensor, or a pinned staging buffer whose bytes go to the GPU while the next
     chunk is read by another thread. ``safe_open(...).get_tensor`` copies each tensor into a fresh
     host tensor on one thread, which bounds the GPU path by one memcpy stream; the streaming
-    reader below keeps host memory at a few staging buffers and reads with several threads.
+    reader (``nf4.loading.io``) keeps host memory at a few staging buffers, copies with several
+    threads, and takes the bytes from a map of the file or from ``read()``.
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import json
 import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -249,23 +248,6 @@ def _byte_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).reshape(-1).numpy()).cast("B")
 
 
-class _Files:
-    """Open file descriptors, one per shard, shared by reader threads (pread is thread-safe)."""
-
-    def __init__(self):
-        self._fds: dict[Path, int] = {}
-
-    def fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
 def read_tensor(entry: TensorEntry, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One tensor into host memory (a new tensor, or ``out``: contiguous CPU, same bytes)."""
     if out is None:
@@ -286,45 +268,6 @@ def _check_out(entry: TensorEntry, out: torch.Tensor) -> None:
                          f"got {out.dtype} {tuple(out.shape)}")
 
 
-# Staging for host -> GPU: chunks of 32 MiB, 12 of them (384 MiB pinned). Eight reader threads
-# keep 8 chunks in flight while up to 4 wait for or ride the copy engine; one thread reads page
-# cache at ~4-6 GB/s, so several are needed to feed a 25-50 GB/s PCIe Gen5 link.
-STAGING_CHUNK_BYTES = 32 * 1024 * 1024
-STAGING_BUFFERS = 12
-READER_THREADS = 8
-# A slot is refilled only after this many later copies were queued, so the host rarely waits on
-# the copy engine (a 32 MiB copy takes ~1 ms; waiting on the one just queued would serialize them).
-COPY_LAG = 2
-
-
-def stream_tensors(entries: Iterable[TensorEntry], device: torch.device,
-                   destination: Optional[Callable[[TensorEntry], Optional[torch.Tensor]]] = None,
-                   progress: Optional[Callable[[int], None]] = None) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
-    """Yield ``(entry, tensor on device)`` for each entry in order, reading one tensor at a time.
-
-    ``destination(entry)`` may return the tensor to fill (contiguous, ``entry.nbytes`` bytes, on
-    ``device``, any dtype/shape: e.g. the final parameter) to avoid a second copy; otherwise a new
-    tensor of the entry's dtype and shape is made. ``progress(nbytes)`` is called as bytes land.
-
-    On CUDA, bytes travel through pinned staging buffers filled by reader threads, and the
-    host-to-device copies are queued on the current stream, so the consumer's kernels on that
-    stream see complete tensors without a synchronization; host memory stays at the staging
-    buffers whatever the tensor sizes.
-    """
-    device = concrete_device(device)
-    if device.type == "cuda":
-        yield from _stream_cuda(list(entries), device, destination, progress)
-        return
-    for entry in entries:
-        out = destination(entry) if destination is not None else None
-        if out is not None and out.device.type != "cpu":
-            out = None
-        tensor = read_tensor(entry, out)
-        if progress is not None:
-            progress(entry.nbytes)
-        yield entry, tensor.to(device) if device.type != "cpu" else tensor
-
-
 def concrete_device(device) -> torch.device:
     """``cuda`` as ``cuda:<current>``: tensors report an index, and comparing ``cuda`` with
     ``cuda:0`` says they differ (which once made every destination tensor be allocated twice)."""
@@ -332,74 +275,3 @@ def concrete_device(device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _stream_cuda(entries: list[TensorEntry], device: torch.device, destination, progress):
-    chunks = []  # (entry index, byte offset within the tensor, length)
-    for i, e in enumerate(entries):
-        chunks += [(i, start, min(STAGING_CHUNK_BYTES, e.nbytes - start))
-                   for start in range(0, e.nbytes, STAGING_CHUNK_BYTES)]
-    remaining = collections.Counter(i for i, _, _ in chunks)
-    size = min(STAGING_CHUNK_BYTES, max((c[2] for c in chunks), default=1))
-    buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(STAGING_BUFFERS)]
-    views = [_byte_view(b) for b in buffers]
-    # Free slots, oldest first, each with the event of the copy that last read it (None: unused).
-    free: collections.deque = collections.deque((slot, None) for slot in range(len(buffers)))
-    files = _Files()
-    targets: dict[int, torch.Tensor] = {}
-    next_entry = 0
-
-    def read(slot: int, chunk) -> None:
-        i, start, length = chunk
-        e = entries[i]
-        _pread_into(files.fd(e.shard), views[slot][:length], e.offset + start, e)
-
-    def emit_empty_until(limit: int):
-        # Tensors with no bytes have no chunks; hand them out in order.
-        nonlocal next_entry
-        while next_entry < limit:
-            yield entries[next_entry], _target(entries[next_entry], device, destination, targets, next_entry)
-            next_entry += 1
-
-    try:
-        with concurrent.futures.ThreadPoolExecutor(READER_THREADS, thread_name_prefix="nf4-read") as pool:
-            pending: collections.deque = collections.deque()
-            submitted = 0
-            while submitted < len(chunks) or pending:
-                while submitted < len(chunks) and len(free) > COPY_LAG:
-                    slot, event = free.popleft()
-                    if event is not None:
-                        event.synchronize()  # a copy issued COPY_LAG chunks ago: usually finished
-                    pending.append((slot, chunks[submitted], pool.submit(read, slot, chunks[submitted])))
-                    submitted += 1
-                slot, (i, start, length), future = pending.popleft()
-                future.result()
-                yield from emit_empty_until(i)
-                _target(entries[i], device, destination, targets, i).reshape(-1).view(torch.uint8)[
-                    start:start + length].copy_(buffers[slot][:length], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                free.append((slot, event))
-                if progress is not None:
-                    progress(length)
-                remaining[i] -= 1
-                if remaining[i] == 0:
-                    next_entry = i + 1
-                    yield entries[i], targets.pop(i)
-            yield from emit_empty_until(len(entries))
-    finally:
-        # Pinned buffers go back to the host allocator only once no copy reads them.
-        for _, event in free:
-            if event is not None:
-                event.synchronize()
-        files.close()
-
-
-def _target(entry: TensorEntry, device, destination, targets: dict, i: int) -> torch.Tensor:
-    if i not in targets:
-        out = destination(entry) if destination is not None else None
-        if out is None or out.device != device:
-            out = torch.empty(entry.shape, dtype=entry.dtype, device=device)
-        _check_out(entry, out)
-        targets[i] = out
-    return targets[i]

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from nf4 import codebook
 from nf4.loading.architectures import architecture, matches
-from nf4.loading.checkpoint import Checkpoint, TensorEntry, concrete_device, read_tensor, stream_tensors
+from nf4.loading.checkpoint import Checkpoint, TensorEntry, concrete_device, read_tensor
+from nf4.loading.io import stream_tensors
 from nf4.loading.resolve import resolve
 from nf4.nn import QuantLinear4bit
 from nf4.quant_state import QuantState, check_blocksize, check_float_dtype
@@ -422,6 +423,10 @@ def _load(model: nn.Module, plan: _Plan, quantized: dict[str, QuantLinear4bit], 
         names = plan.float_params.get(entry.name)
         if names is not None and entry.dtype == float_dtype(names[0]):
             return torch.empty(entry.shape, dtype=entry.dtype, device=device)
+        # On the CPU a tensor without a destination may be a view of the mapped shard: only
+        # weights quantized and then dropped may be (See Note: a file truncated while mapped).
+        if device.type == "cpu" and entry.name not in plan.quantize:
+            return torch.empty(entry.shape, dtype=entry.dtype)
         return None
 
     pieces_of = {e.name: (m, suffix) for m, pieces in plan.prequantized.items() for suffix, e in pieces.items()}
