@@ -22,6 +22,7 @@ peft wrap nf4's layers (``nf4.peft.enable``). Works with transformers 5.17 to 5.
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -31,7 +32,7 @@ from torch import nn
 import nf4.peft
 from nf4 import codebook
 from nf4.loading.save import bnb_quantization_config
-from nf4.nn import Linear4bit, QuantLinear4bit
+from nf4.nn import Linear4bit, Params4bit, QuantLinear4bit
 from nf4.quant_state import QuantState, check_blocksize, check_float_dtype, dtype_from_name
 
 try:
@@ -178,6 +179,24 @@ class _Deserialize(ConversionOps):
         return {"weight": module.weight}
 
 
+def _num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    """``PreTrainedModel.num_parameters`` counting each packed byte as the two weights it holds.
+
+    Note: num_parameters of a 4-bit model.
+        transformers' own method imports bitsandbytes whenever ``is_loaded_in_4bit`` is set (to
+        recognise its ``Params4bit``), and ``Trainer`` calls it every step (FLOPs estimate), so a
+        4-bit model without bitsandbytes would fail there. The quantizer binds this method on the
+        model instead; the count is the same as transformers' for a bnb model.
+    """
+    embeddings = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, nn.Embedding)}
+    total = 0
+    for name, param in self.named_parameters():
+        if (exclude_embeddings and name in embeddings) or (only_trainable and not param.requires_grad):
+            continue
+        total += param.numel() * 2 * param.element_size() if isinstance(param, Params4bit) else param.numel()
+    return total
+
+
 class Nf4HfQuantizer(HfQuantizer):
     """transformers' quantizer for ``Nf4Config`` (and, after ``install()``, for
     ``BitsAndBytesConfig(load_in_4bit=True)`` and bnb-4bit checkpoints)."""
@@ -247,6 +266,8 @@ class Nf4HfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         model.is_loaded_in_4bit = True
         model.is_4bit_serializable = True
+        # See Note: num_parameters of a 4-bit model.
+        model.num_parameters = types.MethodType(_num_parameters, model)
         unquantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear4bit) and not m.quantized]
         if unquantized:
             raise ValueError(f"{len(unquantized)} layer(s) got no weight from the checkpoint, e.g. {unquantized[:3]}")
