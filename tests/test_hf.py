@@ -1,7 +1,8 @@
 """nf4.hf: nf4 as a transformers quantizer (Nf4Config), the bitsandbytes switch (install), peft
 without register(), and the TRL SFTTrainer script both ways (CPU, the tiny Llama).
 
-Needs the [train] extra (transformers, peft, trl); skipped where one is missing.
+Needs the [train] extra: transformers and peft for the module, trl and datasets for the SFTTrainer
+tests (skipped where missing: the GPU machine has no trl, and its GPU test still runs).
 """
 import importlib.util
 import json
@@ -15,8 +16,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
 
 import nf4  # noqa: E402
 import nf4.hf  # noqa: E402
@@ -173,6 +172,8 @@ def tokenizer():
 
 def sft_script(folder, quantization_config, out_dir, steps, resume=None):
     """The short QLoRA script a user writes: load in 4 bits, all-linear LoRA, SFTTrainer."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
     g = torch.Generator().manual_seed(0)
     texts = [" ".join(f"w{int(i)}" for i in torch.randint(3, 1024, (16,), generator=g)) for _ in range(12)]
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization_config)
