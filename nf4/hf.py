@@ -4,9 +4,9 @@
     model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.1-8B",
                                                  quantization_config=nf4.hf.Nf4Config())
 
-The model's linear layers (all but the output head and ``skip_modules``) become
-``nf4.nn.Linear4bit`` (an ``nn.Linear``, as bitsandbytes' is), quantized by nf4 as each float
-weight arrives. The model then behaves like one of transformers' own 4-bit models:
+The model's ``nn.Linear`` layers (all but the output head and ``skip_modules``; GPT-2's
+``Conv1D`` stays as it is) become ``nf4.nn.Linear4bit`` (an ``nn.Linear``, as bitsandbytes' is),
+quantized by nf4 as each float weight arrives. The model then behaves like one of transformers' own 4-bit models:
 ``is_loaded_in_4bit``, ``hf_quantizer``, ``is_trainable``, device maps, ``Trainer`` checkpoints,
 and ``save_pretrained`` writes a bitsandbytes 4-bit folder (``config.json`` carries bnb's
 ``quantization_config``; the weights are bnb's keys and bytes) that transformers + bitsandbytes
@@ -227,8 +227,10 @@ class Nf4HfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
         s = self.settings
+        # Nf4Config's skip_modules add to the defaults (the output head); bnb's replace them.
         self.modules_to_not_convert = self.get_modules_to_not_convert(
-            model, s.skip_modules, getattr(model, "_keep_in_fp32_modules", None) or [])
+            model, s.skip_modules, getattr(model, "_keep_in_fp32_modules", None) or [],
+            add_default_skips=isinstance(self.quantization_config, Nf4Config))
         for name, module in list(model.named_modules()):
             if type(module) is not nn.Linear or not should_convert_module(name, self.modules_to_not_convert):
                 continue
@@ -268,6 +270,13 @@ class Nf4HfQuantizer(HfQuantizer):
         model.is_4bit_serializable = True
         # See Note: num_parameters of a 4-bit model.
         model.num_parameters = types.MethodType(_num_parameters, model)
+        if isinstance(self.quantization_config, Nf4Config) and self.settings.skip_modules is not None:
+            # A saved config lists every module left in high precision: bnb's loader reads the
+            # list as complete (it would otherwise make the output head 4-bit too).
+            c = self.quantization_config
+            self.quantization_config = model.config.quantization_config = Nf4Config(
+                c.quant_type, c.compress_statistics, c.compute_dtype, c.blocksize,
+                sorted(self.modules_to_not_convert))
         unquantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear4bit) and not m.quantized]
         if unquantized:
             raise ValueError(f"{len(unquantized)} layer(s) got no weight from the checkpoint, e.g. {unquantized[:3]}")

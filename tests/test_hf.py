@@ -107,6 +107,18 @@ def test_bnb_checkpoint_loads_without_bitsandbytes(fixtures, tmp_path, installed
     assert override.model.layers[0].mlp.up_proj.compute_dtype == torch.float32
 
 
+def test_skip_modules_survive_a_round_trip(fixtures, tmp_path, installed):
+    model = load(fixtures / "tiny_llama_bf16", nf4.hf.Nf4Config(skip_modules=["o_proj"]))
+    kept = sorted(n for n, m in model.named_modules() if type(m) is torch.nn.Linear)
+    assert kept == ["lm_head", "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+    model.save_pretrained(tmp_path / "saved")
+    qc = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
+    # bnb's loader reads the list as complete: the output head must be on it.
+    assert qc["llm_int8_skip_modules"] == ["lm_head", "o_proj"]
+    again = load(tmp_path / "saved")
+    assert sorted(n for n, m in again.named_modules() if type(m) is torch.nn.Linear) == kept
+
+
 def test_install_changes_one_registry_entry(fixtures):
     before = dict(AUTO_QUANTIZER_MAPPING)
     nf4.hf.install()
