@@ -43,7 +43,8 @@ try:
     from transformers.quantizers.quantizers_utils import should_convert_module
     from transformers.utils.quantization_config import QuantizationConfigMixin
 except ImportError as e:  # optional dependency: this module is the transformers integration
-    raise ImportError("nf4.hf plugs nf4 into transformers: pip install 'nf4[hf]'") from e
+    raise ImportError(f"nf4.hf plugs nf4 into transformers 5 (tested 5.17 to 5.23): pip install 'nf4[train]' "
+                      f"({e})") from e
 
 __all__ = ["Nf4Config", "Nf4HfQuantizer", "install", "uninstall", "installed"]
 

@@ -263,7 +263,14 @@ def test_bnb_checkpoint_logits_gpu(fixtures):
         model = AutoModelForCausalLM.from_pretrained(fixtures / "tiny_llama_bnb4", device_map="cuda")
     finally:
         nf4.hf.uninstall()
-    got = logits(model, ref["input_ids"].cuda()).float().cpu()
-    err = (got - ref["logits_bnb4"]).abs().max().item()
-    print(f"max |nf4 - bnb| logits on the GPU: {err:.4g} (bit-identical: {torch.equal(got, ref['logits_bnb4'])})")
-    torch.testing.assert_close(got, ref["logits_bnb4"], atol=LOGITS_ATOL, rtol=0)
+    quantized_here = load_gpu(fixtures / "tiny_llama_bf16", nf4.hf.Nf4Config())
+    for how, m in (("bnb-4bit folder", model), ("bf16 folder + Nf4Config", quantized_here)):
+        got = logits(m, ref["input_ids"].cuda()).float().cpu()
+        err = (got - ref["logits_bnb4"]).abs().max().item()
+        print(f"{how}: max |nf4 - bnb| logits on the GPU {err:.4g}, "
+              f"bit-identical: {torch.equal(got, ref['logits_bnb4'])}")
+        torch.testing.assert_close(got, ref["logits_bnb4"], atol=LOGITS_ATOL, rtol=0)
+
+
+def load_gpu(folder, config):
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cuda")
