@@ -21,7 +21,6 @@ peft wrap nf4's layers (``nf4.peft.enable``). Works with transformers 5.17 to 5.
 """
 from __future__ import annotations
 
-import logging
 import types
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -47,8 +46,6 @@ except ImportError as e:  # optional dependency: this module is the transformers
                       f"({e})") from e
 
 __all__ = ["Nf4Config", "Nf4HfQuantizer", "install", "uninstall", "installed"]
-
-log = logging.getLogger(__name__)
 
 QUANT_METHOD = "nf4"
 # transformers' key for BitsAndBytesConfig(load_in_4bit=True) in AUTO_QUANTIZER_MAPPING.
