@@ -173,6 +173,20 @@ def test_peft_all_linear_prepare_and_merge(fixtures):
     assert sum(isinstance(m, LoraQuantLinear4bit) for m in listed.modules()) == 4
 
 
+def test_peft_enable_disable():
+    LoraModel = peft.tuners.lora.LoraModel
+    nf4.peft.enable()
+    ours = LoraModel._create_new_module
+    nf4.peft.enable()  # idempotent: wraps peft's function once
+    assert LoraModel._create_new_module is ours and nf4.peft.enabled()
+    try:
+        nf4.peft.disable()
+        assert not nf4.peft.enabled() and LoraModel._create_new_module is not ours
+        assert LoraModel._create_new_module.__module__.startswith("peft.")
+    finally:
+        nf4.peft.enable()
+
+
 # ------------------------------------------------------------------------------- TRL, both ways
 def tokenizer():
     """A word-level tokenizer over the tiny Llama's 1024 ids ("w0".."w1023"); the fixture has none."""
