@@ -171,6 +171,10 @@ def test_peft_all_linear_prepare_and_merge(fixtures):
     listed = peft.get_peft_model(load(fixtures / "tiny_llama_bf16", nf4.hf.Nf4Config()),
                                  peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
     assert sum(isinstance(m, LoraQuantLinear4bit) for m in listed.modules()) == 4
+    # nf4's own loader too (the form in nf4/peft.py's docstring), with no register() call.
+    ours = peft.get_peft_model(nf4.from_pretrained(fixtures / "tiny_llama_bf16", progress=False),
+                               peft.LoraConfig(r=4, target_modules="all-linear"))
+    assert sum(isinstance(m, LoraQuantLinear4bit) for m in ours.modules()) == LINEARS
 
 
 def test_peft_enable_disable():
