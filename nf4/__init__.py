@@ -22,12 +22,12 @@ if importlib.util.find_spec("nf4.kernels") is None:
 from nf4 import functional, nn  # noqa: E402
 from nf4.backends import available as available_backends, get_backend, set_backend  # noqa: E402
 from nf4.functional import dequantize_4bit, matmul_4bit, quantize_4bit  # noqa: E402
-from nf4.loading import from_pretrained, quantize_model, save_pretrained  # noqa: E402
+from nf4.loading import from_pretrained, quantize_model, save_adapter, save_pretrained  # noqa: E402
 from nf4.nn import QuantLinear4bit  # noqa: E402
 from nf4.quant_state import QuantState  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "matmul_4bit", "functional", "nn",
-           "QuantLinear4bit", "from_pretrained", "quantize_model", "save_pretrained",
+           "QuantLinear4bit", "from_pretrained", "quantize_model", "save_pretrained", "save_adapter",
            "set_backend", "get_backend", "available_backends"]

@@ -53,7 +53,6 @@ Note: the weight's attributes.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -61,7 +60,6 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -69,16 +67,13 @@ from torch.distributed.tensor import DTensor
 
 from nf4 import functional
 from nf4.loading import save_pretrained as _save_pretrained_local
+from nf4.loading.adapter import adapter_config, lora_state_dict, write_adapter
 from nf4.nn import Params4bit, QuantLinear4bit
 
 __all__ = ["shard_model", "save_pretrained", "save_adapter", "lora_state_dict", "full_parameters"]
 
 log = logging.getLogger(__name__)
 
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-# peft's prefix for a LoRA model's keys (``PeftModel`` -> ``LoraModel`` -> the wrapped model).
-_PEFT_PREFIX = "base_model.model."
 
 
 def _quant_layers(model: nn.Module) -> dict[str, QuantLinear4bit]:
@@ -281,55 +276,11 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, **kwargs) -> O
     return out
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA weights of every ``QuantLinear4bit`` as complete CPU tensors, under peft's keys
-    (``base_model.model.<module>.lora_A.weight`` [r, in], ``lora_B.weight`` [out, r]).
-    Collective for a sharded model (each adapter is all-gathered); every rank gets the dict."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in _quant_layers(model).items():
-        if not layer.lora_rank:
-            continue
-        for part in ("lora_A", "lora_B"):
-            t = layer._parameters[part]
-            t = t.full_tensor() if isinstance(t, DTensor) else t
-            tensors[f"{_PEFT_PREFIX}{name}.{part}.weight"] = t.detach().to("cpu", copy=True).contiguous()
-    if not tensors:
-        raise ValueError("the model has no LoRA adapters (QuantLinear4bit layers with lora_rank > 0)")
-    return tensors
-
-
-def adapter_config(model: nn.Module) -> dict:
-    """peft's ``adapter_config.json`` for the model's built-in adapters (one rank and alpha)."""
-    layers = {n: m for n, m in _quant_layers(model).items() if m.lora_rank}
-    settings = {(m.lora_rank, m.lora_alpha, m.lora_dropout) for m in layers.values()}
-    if len(settings) != 1:
-        raise ValueError(f"an adapter config holds one (rank, alpha, dropout); the model has {sorted(settings)}")
-    rank, alpha, dropout = settings.pop()
-    config = getattr(model, "config", None)
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "bias": "none",
-        "target_modules": sorted({n.rpartition(".")[2] for n in layers}),
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-    }
-
-
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Optional[Path]:
     """Write the LoRA adapters as peft does (``adapter_model.safetensors`` +
     ``adapter_config.json``). Collective; rank 0 writes and returns the folder."""
     tensors = lora_state_dict(model)
-    out = None
-    if _is_rank0():
-        out = Path(out_dir).expanduser().absolute()
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-        (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config(model), indent=2, sort_keys=True) + "\n")
+    out = write_adapter(tensors, adapter_config(model), out_dir) if _is_rank0() else None
     if dist.is_initialized():
         dist.barrier()
     return out

@@ -22,7 +22,7 @@ from nf4.quant_state import QuantState, num_blocks
 from nf4.weight import as_uint8 as _as_uint8, check_storage_dtype, eager, packed_weight
 
 __all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "matmul_4bit", "get_4bit_type",
-           "quantize_nf4", "quantize_fp4", "dequantize_nf4", "dequantize_fp4"]
+           "quantize_nf4", "quantize_fp4", "dequantize_nf4", "dequantize_fp4", "gemv_4bit"]
 
 
 # Tables on the CPU, built once at import; per-device copies are cached so that eager calls make
@@ -86,9 +86,11 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
                                                         bool(compress_statistics))
     device = A.device
     if compress_statistics:
-        state2 = QuantState(absmax=nested, code=_table("dynamic", device),
+        # Each state owns its tables (clone: 1 KB + 64 B per weight): states that shared the cached
+        # table made every saved checkpoint alias one quant_map, which safetensors refuses.
+        state2 = QuantState(absmax=nested, code=_table("dynamic", device).clone(),
                             blocksize=codebook.NESTED_BLOCKSIZE, dtype=torch.float32)
-        state = QuantState(absmax=am, shape=A.shape, code=_table(quant_type, device),
+        state = QuantState(absmax=am, shape=A.shape, code=_table(quant_type, device).clone(),
                            blocksize=blocksize, quant_type=quant_type, dtype=A.dtype,
                            offset=offset, state2=state2)
     else:
@@ -97,7 +99,7 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
                 raise ValueError(f"absmax must be float32 {list(am.shape)} on {device}, got "
                                  f"{absmax.dtype} {list(absmax.shape)} on {absmax.device}")
             am = absmax.copy_(am)
-        state = QuantState(absmax=am, shape=A.shape, code=_table(quant_type, device),
+        state = QuantState(absmax=am, shape=A.shape, code=_table(quant_type, device).clone(),
                            blocksize=blocksize, quant_type=quant_type, dtype=A.dtype)
     packed = _view_storage(packed, quant_storage)
     if out is not None:
@@ -272,3 +274,18 @@ def bits_per_parameter(quant_state: QuantState) -> float:
     if quant_state.nested:
         stats += quant_state.state2.absmax.numel() * 32 + 32
     return 4.0 + stats / numel
+
+
+def gemv_4bit(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor] = None,
+              transposed_A: bool = False, transposed_B: bool = False,
+              state: Optional[QuantState] = None) -> torch.Tensor:
+    """bitsandbytes' ``gemv_4bit``: ``A @ dequantize(B, state).T`` for the packed weight ``B``
+    (as ``matmul_4bit`` hands it on: the ``[ceil(n/2), 1]`` bytes, not transposed).
+
+    ``transposed_A``/``transposed_B`` are accepted and ignored, as bitsandbytes does. bnb calls
+    this for one token (``A.numel() == A.shape[-1]``); here any number of rows is served by the
+    same op as ``matmul_4bit``. Returns ``[..., state.shape[0]]`` in A's dtype (into ``out`` if given).
+    """
+    if state is None:
+        raise ValueError("gemv_4bit needs state= (the QuantState from quantize_4bit)")
+    return matmul_4bit(A, B.t(), state, out=out)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -138,6 +139,34 @@ class Params4bit(nn.Parameter):
         if not self.bnb_quantized:
             return f"Params4bit(float {list(self.shape)} {self.dtype}, not yet quantized, {self.device})"
         return f"Params4bit({self.quant_state!r}, packed {list(self.shape)} {self.dtype})"
+
+    def __copy__(self):
+        """A new ``Params4bit`` over the same data and the same ``quant_state`` (bnb's shallow copy;
+        ``torch.Tensor``'s default would return a plain ``Parameter`` without the state)."""
+        return Params4bit(self.data, self.requires_grad, self.quant_state, self.blocksize,
+                          self.compress_statistics, self.quant_type, self.quant_storage, self.module,
+                          self.bnb_quantized)
+
+    # bitsandbytes' views of the quantization state as attributes of the weight (its 0.50 names,
+    # properties rather than __getattr__ so torch.compile traces them); AttributeError before the
+    # weight is quantized, or for the nested_* names without double quantization.
+    def _state_field(self, name: str, nested: bool = False):
+        state = self.__dict__.get("quant_state")
+        if state is None or (nested and state.state2 is None):
+            raise AttributeError(f"'Params4bit' object has no attribute {name!r}"
+                                 + (" (not quantized)" if state is None else " (no double quantization)"))
+        return state.state2 if nested else state
+
+    absmax = property(lambda self: self._state_field("absmax").absmax)
+    code = property(lambda self: self._state_field("code").code)
+    quant_map = property(lambda self: self._state_field("quant_map").code)
+    offset = property(lambda self: self._state_field("offset").offset)
+    state2 = property(lambda self: self._state_field("state2").state2)
+    nested_absmax = property(lambda self: self._state_field("nested_absmax", True).absmax)
+    nested_blocksize = property(lambda self: self._state_field("nested_blocksize", True).blocksize)
+    nested_quant_map = property(lambda self: self._state_field("nested_quant_map", True).code)
+    nested_dtype = property(lambda self: self._state_field("nested_dtype", True).dtype)
+    nested_offset = property(lambda self: self._state_field("nested_offset").offset)
 
 
 def _rebuild_params4bit(data, requires_grad, quant_state, blocksize, compress_statistics, quant_type,
@@ -467,16 +496,52 @@ class QuantLinear4bit(nn.Module):
             s += f", lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout:g}"
         return s
 
+    # ------------------------------------------------------------------ bitsandbytes' attributes
+    @property
+    def quant_storage(self) -> torch.dtype:
+        """The dtype the packed bytes are viewed as (bnb's ``Linear4bit.quant_storage``)."""
+        return self.weight.quant_storage
 
-class Linear4bit(QuantLinear4bit):
-    """bitsandbytes' ``Linear4bit`` signature (no adapter; ``compute_dtype=None`` follows the input)."""
+    def set_compute_type(self, x: torch.Tensor) -> None:
+        """bnb's rule for a layer built with ``compute_dtype=None``: an fp32 or bf16 input sets the
+        compute dtype to its own; an fp16 input keeps the configured one (warning when that is
+        None or fp32, which bnb flags as slow)."""
+        if x.dtype in (torch.float32, torch.bfloat16):
+            self.compute_dtype = x.dtype
+        elif x.dtype == torch.float16 and self.compute_dtype in (None, torch.float32):
+            warnings.warn("input to Linear4bit is float16 but compute_dtype is "
+                          f"{self.compute_dtype}; compute_dtype=torch.float16 is faster")
+
+
+class Linear4bit(nn.Linear, QuantLinear4bit):
+    """bitsandbytes' ``Linear4bit`` signature (no adapter; ``compute_dtype=None`` follows the input).
+
+    Note: why Linear4bit is an nn.Linear.
+        bitsandbytes' ``Linear4bit`` subclasses ``nn.Linear``, and the ecosystem relies on it: peft's
+        ``target_modules="all-linear"`` and transformers' module utilities look for ``nn.Linear``.
+        So does this one; only ``QuantLinear4bit``'s state and maths are used (``nn.Linear.__init__``
+        never runs: ``QuantLinear4bit.__init__`` is next in line after it in the MRO, and
+        ``forward``/``extra_repr``/``reset_parameters`` are pinned to QuantLinear4bit's below).
+        ``blocksize`` is keyword-only and nf4's own (bnb fixes 64 here).
+    """
 
     def __init__(self, input_features: int, output_features: int, bias: bool = True,
                  compute_dtype: Optional[torch.dtype] = None, compress_statistics: bool = True,
-                 quant_type: str = "fp4", quant_storage: torch.dtype = torch.uint8, device=None):
-        super().__init__(input_features, output_features, bias=bias, compute_dtype=compute_dtype,
-                         quant_type=quant_type, blocksize=64, compress_statistics=compress_statistics,
-                         device=device, quant_storage=quant_storage)
+                 quant_type: str = "fp4", quant_storage: torch.dtype = torch.uint8, device=None,
+                 *, blocksize: int = 64):
+        QuantLinear4bit.__init__(self, input_features, output_features, bias=bias,
+                                 compute_dtype=compute_dtype, quant_type=quant_type,
+                                 blocksize=blocksize, compress_statistics=compress_statistics,
+                                 device=device, quant_storage=quant_storage)
+
+    forward = QuantLinear4bit.forward
+    extra_repr = QuantLinear4bit.extra_repr
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialization while the weight is still float; a packed weight is data,
+        not something to re-draw (transformers' init hooks reach this through nn.Linear)."""
+        if not self.weight.bnb_quantized and self.weight.device.type != "meta":
+            self._init_base()
 
 
 class LinearNF4(Linear4bit):

@@ -1,18 +1,25 @@
 """peft interoperability: LoRA adapters from ``peft`` on nf4's 4-bit layers.
 
-    from peft import LoraConfig, get_peft_model
-    import nf4, nf4.peft
+    from peft import LoraConfig, PeftModel, get_peft_model
+    import nf4
 
-    model = nf4.from_pretrained("meta-llama/Llama-3.1-8B", lora_rank=0)    # no built-in adapters
-    config = nf4.peft.register(LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    model = get_peft_model(model, config)        # QuantLinear4bit -> LoraQuantLinear4bit
-    ...                                          # train; model.save_pretrained(...) as usual
-    model = PeftModel.from_pretrained(base, path, config=nf4.peft.register(LoraConfig.from_pretrained(path)))
+    model = nf4.from_pretrained("meta-llama/Llama-3.1-8B")        # no built-in adapters
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    ...                                          # train; model.save_pretrained(path) as usual
+    model = PeftModel.from_pretrained(nf4.from_pretrained("meta-llama/Llama-3.1-8B"), path)
 
-peft is an optional dependency (not installed with nf4; tested with peft 0.21). ``register`` attaches
-``{QuantLinear4bit: LoraQuantLinear4bit}`` through ``LoraConfig._register_custom_module``, peft's
-(experimental) hook for layer types it does not know; the mapping lives on the config object, so a
-config loaded from disk must be registered again before ``PeftModel.from_pretrained``.
+peft is an optional dependency (not installed with nf4; tested with peft 0.21). Two ways in:
+
+- ``enable()`` (done for you by ``nf4.from_pretrained``, ``nf4.hf``'s quantizer and
+  ``nf4.hf.install()``): peft's LoRA dispatch (``LoraModel._create_new_module``) first asks whether
+  the target is a ``QuantLinear4bit`` and wraps it in ``LoraQuantLinear4bit``; every other layer
+  goes to peft's own dispatch unchanged. Then ``get_peft_model``, ``PeftModel.from_pretrained``
+  and ``merge_and_unload`` need nothing else. ``disable()`` restores peft's function.
+- ``register(config)``: attaches ``{QuantLinear4bit: LoraQuantLinear4bit}`` to one config through
+  ``LoraConfig._register_custom_module``, peft's (experimental) per-config hook.
+
+Merging (``merge``, ``merge_and_unload``) dequantizes, adds ``scaling * B A`` and quantizes again:
+the merged weight carries a new 4-bit rounding error. It says so with a ``UserWarning`` each time.
 
 Note: the fused path under peft.
     With one active vanilla adapter (no DoRA/aLoRA, no ``lora_bias``), the forward pass calls the
@@ -37,12 +44,12 @@ from nf4.autograd import dropout_mask, quant_lora_linear, resolve_dtypes
 from nf4.nn import QuantLinear4bit
 
 try:
-    from peft.tuners.lora import LoraConfig, LoraLayer
-    from peft.tuners.tuners_utils import check_adapters_to_merge
+    from peft.tuners.lora import LoraConfig, LoraLayer, LoraModel
+    from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 except ImportError:  # optional dependency: every entry point below raises a clear error instead
-    LoraConfig = LoraLayer = check_adapters_to_merge = None
+    LoraConfig = LoraLayer = LoraModel = BaseTunerLayer = check_adapters_to_merge = None
 
-__all__ = ["register", "LoraQuantLinear4bit"]
+__all__ = ["enable", "disable", "enabled", "register", "LoraQuantLinear4bit"]
 
 _MISSING = "nf4.peft needs peft (pip install peft); nf4's built-in adapters (lora_rank=...) do not"
 
@@ -59,6 +66,47 @@ def register(config):
         raise TypeError(f"config must be a peft LoraConfig, got {type(config).__name__}")
     config._register_custom_module({QuantLinear4bit: LoraQuantLinear4bit})
     return config
+
+
+# peft's dispatch before enable() replaced it (None while not enabled).
+_peft_create_new_module = None
+
+
+def _create_new_module(lora_config, adapter_name, target, **kwargs):
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, QuantLinear4bit):
+        return LoraQuantLinear4bit(target, adapter_name, config=lora_config, **kwargs)
+    return _peft_create_new_module(lora_config, adapter_name, target, **kwargs)
+
+
+def enable() -> None:
+    """Make peft wrap every ``QuantLinear4bit`` in ``LoraQuantLinear4bit``, whatever the config
+    (idempotent; see the module docstring). Raises ImportError without peft."""
+    global _peft_create_new_module
+    _require_peft()
+    if _peft_create_new_module is None:
+        _peft_create_new_module = LoraModel._create_new_module
+        LoraModel._create_new_module = staticmethod(_create_new_module)
+
+
+def disable() -> None:
+    """Undo ``enable()``: peft's own ``LoraModel._create_new_module`` again."""
+    global _peft_create_new_module
+    if _peft_create_new_module is not None:
+        LoraModel._create_new_module = staticmethod(_peft_create_new_module)
+        _peft_create_new_module = None
+
+
+def enabled() -> bool:
+    return _peft_create_new_module is not None
+
+
+def enable_if_available() -> bool:
+    """``enable()`` when peft is installed (called wherever nf4 makes 4-bit models); whether it is."""
+    if LoraModel is None:
+        return False
+    enable()
+    return True
 
 
 _Base = (nn.Module, LoraLayer) if LoraLayer is not None else (nn.Module,)

@@ -320,6 +320,12 @@ class QuantState:
         return (f"QuantState({self.quant_type}, shape={tuple(self.shape)}, blocksize={self.blocksize}, "
                 f"dtype={dtype_name(self.dtype)}{nested}, device={self.absmax.device})")
 
+    def __getitem__(self, idx):
+        """bitsandbytes' legacy list form: ``[absmax, shape, dtype, blocksize, [offset, state2],
+        quant_type]`` (``None`` in place of ``[offset, state2]`` without double quantization)."""
+        nested = [self.offset, self.state2] if self.nested else None
+        return [self.absmax, self.shape, self.dtype, self.blocksize, nested, self.quant_type][idx]
+
 
 def _unpack_json(t: torch.Tensor, key: str) -> dict[str, Any]:
     if t.dtype != torch.uint8 or t.dim() != 1:

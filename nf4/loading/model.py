@@ -9,6 +9,8 @@ Everything the checkpoint says is validated against the model before a byte of d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,8 +26,8 @@ from nf4.loading.architectures import architecture, matches
 from nf4.loading.checkpoint import Checkpoint, TensorEntry, concrete_device, read_tensor
 from nf4.loading.io import stream_tensors
 from nf4.loading.resolve import resolve
-from nf4.nn import QuantLinear4bit
-from nf4.quant_state import QuantState, check_blocksize, check_float_dtype
+from nf4.nn import Linear4bit, QuantLinear4bit
+from nf4.quant_state import QuantState, check_blocksize, check_float_dtype, dtype_from_name
 from nf4.quant_state import _unpack_json as unpack_quant_state_json
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ Observer = Callable[[str, nn.Module, torch.Tensor], None]
 
 @dataclass
 class QuantOptions:
-    compute_dtype: torch.dtype = torch.bfloat16
+    compute_dtype: Optional[torch.dtype] = None  # None: the checkpoint's (bnb), else bfloat16
     quant_type: str = "nf4"
     blocksize: int = 64
     compress_statistics: bool = True
@@ -52,7 +54,8 @@ class QuantOptions:
     target_modules: Optional[tuple[str, ...]] = None
 
     def __post_init__(self):
-        check_float_dtype(self.compute_dtype, "compute_dtype")
+        if self.compute_dtype is not None:
+            check_float_dtype(self.compute_dtype, "compute_dtype")
         codebook.check_quant_type(self.quant_type)
         check_blocksize(self.blocksize)
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
@@ -71,6 +74,45 @@ def _names(value, what: str) -> tuple[str, ...]:
     if not all(isinstance(v, str) and v for v in value):
         raise TypeError(f"{what} must be module names (strings), got {value!r}")
     return value
+
+
+def default_device(device=None) -> torch.device:
+    """``device``, or the current CUDA device when there is one, else the CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return concrete_device(device)
+
+
+def _new_layer(linear: nn.Linear, opts: QuantOptions, quant_type: str, blocksize: int, double: bool,
+               rank: int) -> QuantLinear4bit:
+    """The 4-bit layer replacing ``linear``, on meta. Without a built-in adapter it is
+    ``nf4.nn.Linear4bit``, an ``nn.Linear`` (peft's ``"all-linear"`` finds it; see Note: why
+    Linear4bit is an nn.Linear); with one, ``QuantLinear4bit``."""
+    if rank:
+        return QuantLinear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                               compute_dtype=opts.compute_dtype, quant_type=quant_type, blocksize=blocksize,
+                               compress_statistics=double, lora_rank=rank, lora_alpha=opts.lora_alpha,
+                               device="meta")
+    return Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
+                      compute_dtype=opts.compute_dtype, compress_statistics=double, quant_type=quant_type,
+                      device="meta", blocksize=blocksize)
+
+
+def _enable_peft() -> None:
+    # peft is optional: when installed, it wraps these layers without a per-config register().
+    if importlib.util.find_spec("peft") is not None:
+        from nf4 import peft as nf4_peft  # optional dependency (imports peft)
+        nf4_peft.enable()
+
+
+def _checkpoint_compute_dtype(bnb: Optional[dict]) -> torch.dtype:
+    """A bnb checkpoint's ``bnb_4bit_compute_dtype`` when it names one nf4 computes in, else bf16."""
+    name = (bnb or {}).get("bnb_4bit_compute_dtype")
+    try:
+        return dtype_from_name(name) if name is not None else torch.bfloat16
+    except ValueError:
+        log.warning("bnb_4bit_compute_dtype %r is not float32/float16/bfloat16; computing in bfloat16", name)
+        return torch.bfloat16
 
 
 def _transformers():
@@ -339,10 +381,12 @@ def _module_options(entry: TensorEntry, linear: nn.Linear) -> tuple[str, int, bo
 def load_folder(folder: Path, *, device, opts: QuantOptions, observer: Optional[Observer] = None,
                 progress: bool = True):
     """Load ``folder`` (already resolved) as a quantized transformers model; see from_pretrained."""
-    device = concrete_device(device)
+    device = default_device(device)
     start = time.perf_counter()
     ckpt = Checkpoint(folder)
     bnb = _bnb_config(ckpt.config)
+    if opts.compute_dtype is None:
+        opts = dataclasses.replace(opts, compute_dtype=_checkpoint_compute_dtype(bnb))
     headers = time.perf_counter()
     model = _build_meta_model(ckpt.folder)
     built = time.perf_counter()
@@ -360,10 +404,7 @@ def load_folder(folder: Path, *, device, opts: QuantOptions, observer: Optional[
         linear = model.get_submodule(name)
         quant_type, blocksize, double = module_opts[name]
         rank = opts.lora_rank if opts.lora_rank and matches(name, targets) else 0
-        q = QuantLinear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                            compute_dtype=opts.compute_dtype, quant_type=quant_type, blocksize=blocksize,
-                            compress_statistics=double, lora_rank=rank, lora_alpha=opts.lora_alpha,
-                            device="meta")
+        q = _new_layer(linear, opts, quant_type, blocksize, double, rank)
         _swap(model, name, q)
         quantized[name] = q
     if opts.lora_rank and not any(q.lora_rank for q in quantized.values()):
@@ -379,6 +420,7 @@ def load_folder(folder: Path, *, device, opts: QuantOptions, observer: Optional[
              len(plan.entries), nbytes / 1e9, "loaded" if bnb else f"{len(quantized)} quantized",
              done - planned, nbytes / 1e9 / max(done - planned, 1e-9))
     model.nf4_source_dir = ckpt.folder
+    _enable_peft()
     return model
 
 
@@ -512,13 +554,15 @@ def _options(compute_dtype, quant_type, blocksize, compress_statistics, skip_mod
                         lora_rank=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules)
 
 
-def from_pretrained(name_or_path, *, device="cuda", compute_dtype: torch.dtype = torch.bfloat16,
+def from_pretrained(name_or_path, *, device=None, compute_dtype: Optional[torch.dtype] = None,
                     quant_type: str = "nf4", blocksize: int = 64, compress_statistics: bool = True,
                     skip_modules=None, lora_rank: int = 0, lora_alpha: Optional[float] = None,
                     target_modules=None, revision: Optional[str] = None, cache_dir=None,
                     token=None, progress: bool = True):
     """Load a Hub repository or local folder as a transformers model with 4-bit linear layers.
 
+    ``device`` defaults to the current CUDA device when there is one, else the CPU;
+    ``compute_dtype`` to a bnb checkpoint's ``bnb_4bit_compute_dtype``, else bfloat16.
     Float checkpoints (bf16/fp16/fp32 safetensors) are quantized while they load, tensor by tensor
     on ``device``; bitsandbytes 4-bit checkpoints (``quantization_config.quant_method ==
     "bitsandbytes"``) are loaded as stored, whatever ``quant_type``/``blocksize`` say. Which linear
@@ -538,7 +582,7 @@ def from_pretrained(name_or_path, *, device="cuda", compute_dtype: torch.dtype =
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, *, device="cuda", compute_dtype: torch.dtype = torch.bfloat16,
+def quantize_model(model: nn.Module, *, device=None, compute_dtype: torch.dtype = torch.bfloat16,
                    quant_type: str = "nf4", blocksize: int = 64, compress_statistics: bool = True,
                    skip_modules=None, lora_rank: int = 0, lora_alpha: Optional[float] = None,
                    target_modules=None) -> nn.Module:
@@ -553,16 +597,13 @@ def quantize_model(model: nn.Module, *, device="cuda", compute_dtype: torch.dtyp
                     lora_rank, lora_alpha, target_modules)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    device = concrete_device(device)
+    device = default_device(device)
     names, _ = _quantize_plan(model, opts)
     targets = _lora_targets(model, opts)
     for name in names:
         linear = model.get_submodule(name)
         rank = opts.lora_rank if opts.lora_rank and matches(name, targets) else 0
-        q = QuantLinear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                            compute_dtype=opts.compute_dtype, quant_type=opts.quant_type,
-                            blocksize=opts.blocksize, compress_statistics=opts.compress_statistics,
-                            lora_rank=rank, lora_alpha=opts.lora_alpha, device="meta")
+        q = _new_layer(linear, opts, opts.quant_type, opts.blocksize, opts.compress_statistics, rank)
         q.quantize_weight_(linear.weight.detach().to(device=device, dtype=opts.compute_dtype))
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.detach().to(device=device, dtype=opts.compute_dtype),
@@ -578,4 +619,5 @@ def quantize_model(model: nn.Module, *, device="cuda", compute_dtype: torch.dtyp
         for name, buf in module._buffers.items():
             if buf is not None:
                 module._buffers[name] = buf.to(device)
+    _enable_peft()
     return model

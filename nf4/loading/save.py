@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from nf4 import functional
+from nf4.loading.adapter import adapter_layers, save_adapter
 from nf4.loading.checkpoint import PICKLE_SUFFIXES, SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME
 from nf4.loading.model import _shared_parameters
 from nf4.loading.resolve import AUX_FILES
@@ -74,11 +75,10 @@ def _quant_settings(model: nn.Module) -> tuple[str, bool, torch.dtype, list[str]
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    # LoRA adapters are no part of a bitsandbytes checkpoint: save_pretrained writes them beside
+    # it in peft's format (nf4.loading.adapter).
     lora = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, QuantLinear4bit) and m.lora_rank
             for p in ("lora_A", "lora_B")}
-    if lora:
-        log.warning("LoRA adapters (%d tensors) are not part of a bitsandbytes checkpoint and are not "
-                    "saved; save them separately", len(lora))
     # Tied parameters (an lm_head sharing the embedding) are saved once, under their first name,
     # as transformers does; quantization states may share tables (quant_map) and are all kept.
     tied = {n for names in _shared_parameters(model).values() for n in names[1:]}
@@ -126,8 +126,10 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *,
 
     ``source_dir`` (default: the folder ``from_pretrained`` read) supplies tokenizer and
     generation files to copy alongside. An existing ``out_dir`` is replaced only if it looks
-    like a model folder. LoRA adapters are not saved (bnb checkpoints have no place for them).
-    Returns the folder.
+    like a model folder. Built-in LoRA adapters (bnb checkpoints have no place for them) are
+    written beside the weights in peft's format (``adapter_model.safetensors`` +
+    ``adapter_config.json``): ``PeftModel.from_pretrained(nf4.from_pretrained(out_dir), out_dir)``
+    reloads both. Returns the folder.
     """
     if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
@@ -166,6 +168,8 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *,
                 src = Path(source) / name
                 if src.is_file() and src.suffix not in PICKLE_SUFFIXES:
                     shutil.copyfile(src, tmp / name)
+        if adapter_layers(model):
+            save_adapter(model, tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a saved model is an ordinary folder
         _replace(tmp, out)
     except BaseException:
