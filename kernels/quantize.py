@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tables import device_tables
+from .tables import dense, device_tables
 from nf4 import codebook
 from nf4.quant_state import num_blocks, packed_nbytes
 
@@ -84,8 +84,9 @@ def _quantize_absmax_kernel(absmax_ptr, offset_ptr, codes_ptr, nested_ptr, thr_p
 
 
 def quantize(A: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool):
-    """Backend protocol: ``A`` is contiguous fp32/fp16/bf16 with at least one element (ops.py checks)."""
-    flat = A.reshape(-1)
+    """Backend protocol: ``A`` is fp32/fp16/bf16 with at least one element (ops.py checks); a 1-D
+    expanded ``A`` stays stride 0 through ``reshape``, so it is made dense here too."""
+    flat = dense(A).reshape(-1)
     n = flat.numel()
     blocks = num_blocks(n, blocksize)
     packed = torch.empty(packed_nbytes(n), dtype=torch.uint8, device=A.device)

@@ -6,7 +6,7 @@ arguments and read them through the L1 cache (16 levels are 64 bytes: one cache 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -37,3 +37,11 @@ def device_tables(device: torch.device) -> Tables:
         dynamic_thresholds=codebook.dynamic_map_thresholds().to(device),
         dynamic_zero_code=codebook.dynamic_zero_code(),
     )
+
+
+def dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` with its elements laid out one after another, as the kernels index it (base pointer +
+    element index). A strided view would be read at the wrong elements and an expanded (stride-0)
+    tensor past its allocation: ``torch.tensor([2.0]).expand(4096)`` owns 4 bytes, not 16 KiB.
+    ``.contiguous()`` returns ``t`` itself when it already is, so the common call pays nothing."""
+    return None if t is None else t.contiguous()

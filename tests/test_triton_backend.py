@@ -88,3 +88,12 @@ def test_functional_api_uses_triton():
     packed_ref, state_ref = nf4.quantize_4bit(W, blocksize=128, compress_statistics=True,
                                               quant_type="nf4")
     assert torch.equal(packed, packed_ref) and torch.equal(state.absmax, state_ref.absmax)
+
+
+def test_quantize_entry_makes_expanded_input_dense():
+    """The backend entry itself (not only ops.py) makes A dense: a 1-D expansion keeps stride 0
+    through reshape, and read as contiguous it would run past its one element."""
+    x = torch.tensor([1.5], device=DEVICE).expand(300)
+    ref = reference_backend.quantize(x.contiguous(), 64, "nf4", True)
+    for a, b in zip(ref, kernels.quantize(x, 64, "nf4", True)):
+        assert torch.equal(a, b)
