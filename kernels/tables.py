@@ -20,7 +20,6 @@ class Tables(NamedTuple):
     fp4_thresholds: torch.Tensor      # float32 [7], on |x|
     fp4_sorted_codes: torch.Tensor    # int32 [8]: bucket index -> fp4 magnitude code
     dynamic_thresholds: torch.Tensor  # float32 [255], double quantization
-    dynamic_zero_code: int            # dynamic-map code of 0.0
 
     def levels(self, quant_type: str) -> torch.Tensor:
         return self.nf4_levels if quant_type == "nf4" else self.fp4_levels
@@ -35,7 +34,6 @@ def device_tables(device: torch.device) -> Tables:
         fp4_thresholds=codebook.fp4_thresholds().to(device),
         fp4_sorted_codes=codebook.fp4_sorted_codes().to(torch.int32).to(device),
         dynamic_thresholds=codebook.dynamic_map_thresholds().to(device),
-        dynamic_zero_code=codebook.dynamic_zero_code(),
     )
 
 

@@ -75,6 +75,24 @@ def test_zero_block_and_odd_padding(kernel_backend):
     assert int(packed[-1]) == 0x07  # last block all zero: code 0, then the pad nibble (code of 0.0)
 
 
+@pytest.mark.parametrize("x", [torch.full((64 * 10,), 0.375),      # constant: every absmax equal
+                               torch.linspace(-2, 2, 48),            # one block
+                               torch.zeros(64 * 300)],               # 300 blocks: two nested blocks
+                         ids=["constant", "one_block", "zeros"])
+def test_flat_nested_block_stores_bnb_code(any_backend, x):
+    """A nested block whose absmax is 0 stores code 0 for its absmax bytes, as bitsandbytes' CUDA
+    kernel does (See codebook.NESTED_FLAT_CODE), and still decodes to the offset exactly."""
+    packed, state = nf4.quantize_4bit(x.to(DEVICE), blocksize=64, quant_type="nf4",
+                                      compress_statistics=True)
+    assert bool((state.state2.absmax == 0).all())
+    assert state.absmax.dtype == torch.uint8 and bool((state.absmax == 0).all())
+    nf4.set_backend("reference")
+    expected = reference.dequantize(*reference.quantize(x, 64, "nf4"), 64, "nf4", x.numel(),
+                                    torch.float32)
+    assert torch.equal(nf4.dequantize_4bit(packed.cpu(), state.to("cpu")).view(torch.int32),
+                       expected.view(torch.int32))
+
+
 def test_non_contiguous_input(kernel_backend):
     x = make_input((128, 96), torch.float16).t()  # a transposed view
     packed, state = nf4.quantize_4bit(x.to(DEVICE), blocksize=64, quant_type="nf4")
