@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +23,12 @@ from tqdm.auto import tqdm
 
 from nf4 import codebook
 from nf4.loading.architectures import architecture, matches
-from nf4.loading.checkpoint import Checkpoint, TensorEntry, concrete_device, read_tensor, stream_tensors
+from nf4.loading.checkpoint import (Checkpoint, TensorEntry, concrete_device, read_quant_state_json,
+                                    stream_tensors)
+from nf4.loading.config_check import check_config_sizes
 from nf4.loading.resolve import resolve
 from nf4.nn import QuantLinear4bit
 from nf4.quant_state import QuantState, check_blocksize, check_float_dtype
-from nf4.quant_state import _unpack_json as unpack_quant_state_json
 
 log = logging.getLogger(__name__)
 
@@ -82,34 +85,57 @@ def _transformers():
 
 
 # ------------------------------------------------------------------------------- building
+# Note: parameters on meta, for the building thread only.
+#     Layers allocate their weight with ``torch.empty`` (untouched pages, freed at once) and then
+#     register it; registering moves it to meta, so their initializers run on meta at no cost,
+#     while buffers (rotary frequencies, position ids) get their real computed values. The meta
+#     device context (``with torch.device("meta")``) would be thread-local too, but puts buffers
+#     on meta as well. So ``nn.Module.register_parameter`` is wrapped while at least one load is
+#     building, and the wrapper moves parameters only for threads inside ``_parameters_on_meta``:
+#     a module built by another thread meanwhile is untouched, overlapping loads count themselves
+#     in and out under a lock, and the last one out restores the original on every exit path.
+_meta_building = threading.local()
+_meta_lock = threading.Lock()
+_meta_users = 0
+_original_register_parameter = nn.Module.register_parameter
+
+
+def _register_parameter(module, name, param):
+    if (getattr(_meta_building, "depth", 0) and param is not None
+            and param.device.type != "meta"):
+        param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+    _original_register_parameter(module, name, param)
+
+
 @contextlib.contextmanager
 def _parameters_on_meta():
-    """Create every nn.Parameter on the meta device while modules are built, buffers for real.
-
-    Layers allocate their weight with ``torch.empty`` (untouched pages, freed at once) and then
-    register it; registering moves it to meta, so their initializers run on meta at no cost,
-    while buffers (rotary frequencies, position ids) get their real computed values.
-    """
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
+    """Create every nn.Parameter on the meta device while this thread builds modules, buffers
+    for real (See Note: parameters on meta, for the building thread only)."""
+    global _meta_users
+    with _meta_lock:
+        if _meta_users == 0:
+            nn.Module.register_parameter = _register_parameter
+        _meta_users += 1
+    _meta_building.depth = getattr(_meta_building, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        _meta_building.depth -= 1
+        with _meta_lock:
+            _meta_users -= 1
+            # Restore only our own wrapper: a patch someone installed on top of it stays theirs.
+            if _meta_users == 0 and nn.Module.register_parameter is _register_parameter:
+                nn.Module.register_parameter = _original_register_parameter
 
 
 def _build_meta_model(folder: Path):
     transformers = _transformers()
-    config = transformers.AutoConfig.from_pretrained(folder)
+    # Never run code shipped in the folder (a config.json ``auto_map`` naming its .py files):
+    # transformers would otherwise prompt on stdin, and a "y" there executes the repository.
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
     model_cls = None
-    for name in getattr(config, "architectures", None) or ():
-        candidate = getattr(transformers, name, None) if isinstance(name, str) else None
+    for name in getattr(config, "architectures", None) or ():  # checked by read_config
+        candidate = getattr(transformers, name, None)
         if isinstance(candidate, type) and issubclass(candidate, transformers.PreTrainedModel):
             model_cls = candidate
             break
@@ -118,9 +144,9 @@ def _build_meta_model(folder: Path):
             model = model_cls(config)
         else:
             try:
-                model = transformers.AutoModelForCausalLM.from_config(config)
+                model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=False)
             except ValueError:
-                model = transformers.AutoModel.from_config(config)
+                model = transformers.AutoModel.from_config(config, trust_remote_code=False)
     model.eval()
     return model
 
@@ -218,6 +244,7 @@ def _make_plan(model: nn.Module, ckpt: Checkpoint, quantized: dict[str, QuantLin
                 piece_names[f"{m}.weight.{suffix}"] = (m, suffix)
 
     loaded: set[str] = set()
+    unused: list[str] = []
     for ckpt_name, entry in ckpt.entries.items():
         name = to_model(ckpt_name)
         if name in quant_weights:
@@ -249,9 +276,10 @@ def _make_plan(model: nn.Module, ckpt: Checkpoint, quantized: dict[str, QuantLin
             plan.buffers[ckpt_name] = name
             loaded.add(name)
         else:
-            log.debug("%s: tensor %r is not part of the model; ignored", entry.shard.name, ckpt_name)
+            unused.append(ckpt_name)
             continue
         plan.entries.append(entry)
+    _refuse_unused(model, ckpt, unused, to_model)
 
     missing = [a for a in aliases if a not in loaded and not any(n in quant_weights for n in aliases[a])]
     missing += [b for b in persistent if b not in loaded]
@@ -276,6 +304,24 @@ def _make_plan(model: nn.Module, ckpt: Checkpoint, quantized: dict[str, QuantLin
             group_key[e.name] = (str(w.shard), w.offset, e.offset)
     plan.entries.sort(key=lambda e: group_key.get(e.name, (str(e.shard), e.offset, e.offset)))
     return plan
+
+
+def _refuse_unused(model: nn.Module, ckpt: Checkpoint, unused: list[str], to_model) -> None:
+    """Raise if the checkpoint holds tensors the model has no place for.
+
+    A config.json with fewer layers than the weights, or naming another architecture, builds a
+    model that silently drops them: a different model than the checkpoint's, with no error. So
+    they are refused (naming them), except the extras transformers itself ignores: the model's
+    ``_keys_to_ignore_on_load_unexpected`` patterns, and non-persistent buffers (``position_ids``,
+    ``rotary_emb.inv_freq``) that older versions saved."""
+    patterns = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
+    buffers = {name for name, _ in model.named_buffers()}
+    dropped = [n for n in unused if to_model(n) not in buffers
+               and not any(p.search(n) or p.search(to_model(n)) for p in patterns)]
+    if dropped:
+        raise ValueError(f"{ckpt.folder}: {len(dropped)} tensor(s) of the checkpoint have no place in the "
+                         f"{type(model).__name__} that config.json describes (fewer layers, or another "
+                         f"architecture?), e.g. {sorted(dropped)[:5]}; refusing to drop them")
 
 
 def _check_float(entry: TensorEntry, shape: tuple[int, ...]) -> None:
@@ -320,9 +366,8 @@ def _prequantized_modules(model: nn.Module, ckpt: Checkpoint) -> dict[str, dict]
 
 def _module_options(entry: TensorEntry, linear: nn.Linear) -> tuple[str, int, bool]:
     """(quant_type, blocksize, double quant) from a bnb weight's JSON, checked against the layer."""
-    blob = read_tensor(entry)
     try:
-        meta = unpack_quant_state_json(blob, entry.name)
+        meta = read_quant_state_json(entry)
         quant_type = meta.get("quant_type")
         codebook.check_quant_type(quant_type)
         blocksize = check_blocksize(meta.get("blocksize"))
@@ -341,6 +386,7 @@ def load_folder(folder: Path, *, device, opts: QuantOptions, observer: Optional[
     device = concrete_device(device)
     start = time.perf_counter()
     ckpt = Checkpoint(folder)
+    check_config_sizes(ckpt.config, ckpt.entries, f"{ckpt.folder / 'config.json'}")
     bnb = _bnb_config(ckpt.config)
     headers = time.perf_counter()
     model = _build_meta_model(ckpt.folder)

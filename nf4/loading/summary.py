@@ -10,8 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nf4.loading.checkpoint import Checkpoint, read_tensor
-from nf4.quant_state import _unpack_json as unpack_quant_state_json
+from nf4.loading.checkpoint import Checkpoint, read_quant_state_json
 
 QUANT_STATE_MARK = ".weight.quant_state.bitsandbytes__"
 
@@ -79,7 +78,7 @@ def summarize(folder: str | Path) -> Summary:
         if not mark:
             continue
         try:
-            meta = unpack_quant_state_json(read_tensor(entry), name)
+            meta = read_quant_state_json(entry)
             shape = meta["shape"]
             numel = math.prod(int(d) for d in shape)
             fmt = (str(meta["quant_type"]), int(meta["blocksize"]), "nested_offset" in meta)
