@@ -19,6 +19,7 @@ from nf4.loading import from_pretrained, save_pretrained, summarize
 from nf4.loading import model as model_module
 from nf4.loading import save as save_module
 from nf4.loading.checkpoint import Checkpoint, TensorEntry, read_header, read_quant_state_json
+from nf4.loading.config_check import check_config_sizes
 from tests.test_loading import _rewrite, copy_fixture
 
 transformers = pytest.importorskip("transformers", reason="nf4.loading builds transformers models ([hf] extra)")
@@ -192,8 +193,6 @@ def test_config_sizes_nested_in_sub_config(fixtures, tmp_path, monkeypatch):
 @pytest.mark.parametrize("fixture", ["tiny_llama_bf16", "tiny_llama_bnb4"])
 def test_real_config_sizes_pass(fixtures, fixture):
     """The check's bounds admit real checkpoints (bnb's packed weights included)."""
-    from nf4.loading.config_check import check_config_sizes
-
     ckpt = Checkpoint(fixtures / fixture)
     check_config_sizes(ckpt.config, ckpt.entries, "config.json")
 
