@@ -350,3 +350,85 @@ def test_save_rolls_back_when_a_rename_fails(fixtures, tmp_path, monkeypatch, fa
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# ------------------------------------------------------------------------------- each header check
+def _entry(dtype="U8", shape=(2,), offsets=(0, 2)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+def test_byte_span_must_equal_numel_times_itemsize(tmp_path):
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, json.dumps({"w": _entry("F16", (2,), (0, 3))}), b"abc")
+    with pytest.raises(ValueError, match="'w': 3 bytes of data for F16 \\[2\\], expected 4"):
+        read_header(path)
+    write_safetensors(path, json.dumps({"w": _entry("F16", (2,), (0, 4))}), b"abcd")
+    assert read_header(path)[0]["w"].nbytes == 4
+
+
+def test_overlapping_tensors(tmp_path):
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, json.dumps({"a": _entry("U8", (4,), (0, 4)), "b": _entry("U8", (4,), (2, 6))}),
+                      b"abcdef")
+    with pytest.raises(ValueError, match="'a' and 'b' overlap"):
+        read_header(path)
+
+
+def test_data_past_the_end_of_the_file_caught_at_the_header(tmp_path):
+    """The header check, not the later read, must refuse it: read_header reads no tensor data."""
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, json.dumps({"w": _entry("U8", (100,), (0, 100))}), b"x" * 10)
+    with pytest.raises(ValueError, match="data ends at byte 100 but the file holds 10"):
+        read_header(path)
+
+
+def _sharded(tmp_path, weight_map, files):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    for name, tensors in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        header = {k: _entry("U8", (1,), (i, i + 1)) for i, k in enumerate(tensors)}
+        write_safetensors(folder / name, json.dumps(header), b"x" * len(tensors))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.parametrize("shard", ["sub/a.safetensors", "../ckpt/a.safetensors"])
+def test_index_shard_names_must_be_plain_file_names(tmp_path, shard):
+    folder = _sharded(tmp_path, {"w": shard}, {"sub/a.safetensors": ["w"], "a.safetensors": ["w"]})
+    with pytest.raises(ValueError, match="file name in the same folder"):
+        Checkpoint(folder)
+
+
+@pytest.mark.parametrize("case", ["wrong_shard", "ghost"])
+def test_index_entries_cross_checked_against_the_shards(tmp_path, case):
+    files = {"a.safetensors": ["w", "v"], "b.safetensors": ["u"]}
+    weight_map = {"w": "a.safetensors", "v": "a.safetensors", "u": "b.safetensors"}
+    if case == "wrong_shard":
+        weight_map["v"] = "b.safetensors"  # v is in a, which is still read (w lives there)
+    else:
+        weight_map["ghost"] = "a.safetensors"
+    folder = _sharded(tmp_path, weight_map, files)
+    with pytest.raises(ValueError, match="should be in"):
+        Checkpoint(folder)
+
+
+# ------------------------------------------------------------------------------- bnb config and pieces
+def test_bnb_checkpoint_without_quant_map(fixtures, tmp_path):
+    folder = copy_fixture(fixtures, "tiny_llama_bnb4", tmp_path)
+    _rewrite(folder / "model.safetensors", lambda t: t.pop("model.layers.0.mlp.up_proj.weight.quant_map"))
+    with pytest.raises(ValueError, match=r"up_proj\.weight\.quant_map"):
+        load(folder)
+
+
+@pytest.mark.parametrize("flags", [{"load_in_4bit": False, "_load_in_4bit": False, "load_in_8bit": True,
+                                    "_load_in_8bit": True},
+                                   {"load_in_4bit": False, "_load_in_4bit": False}])
+def test_bnb_8bit_config_refused(fixtures, tmp_path, flags):
+    folder = copy_fixture(fixtures, "tiny_llama_bnb4", tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(flags)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not 4-bit"):
+        load(folder)
