@@ -428,3 +428,16 @@ def test_gpu_state_dict_interoperates_with_bitsandbytes():
     back.load_state_dict(theirs2.state_dict())
     assert back.weight.is_cuda
     close(back(x), theirs2(x), torch.bfloat16, "bnb state in nf4")
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_params4bit_to_moves_the_quant_state(dq):
+    """``Params4bit.to`` carries its quantization state along (``meta`` stands in for a GPU)."""
+    weight = Params4bit(torch.randn(64, 96), quant_type="nf4", compress_statistics=dq).to("cpu")
+    state = weight.quant_state
+    assert weight.bnb_quantized and state.absmax.device.type == "cpu"
+    moved = weight.to("meta")
+    assert moved.device.type == "meta" and moved.quant_state is state
+    tensors = [state.absmax, state.code] + ([state.offset, state.state2.absmax, state.state2.code]
+                                            if dq else [])
+    assert {t.device.type for t in tensors} == {"meta"}

@@ -151,3 +151,18 @@ def test_storage_views_share_bytes():
     assert p16.dtype == torch.bfloat16 and p16.shape == (p8.numel() // 2, 1)
     assert torch.equal(p16.view(torch.uint8).reshape(-1), p8.reshape(-1))
     assert torch.equal(nf4.dequantize_4bit(p16, s16), nf4.dequantize_4bit(p8, s8))
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_preallocated_absmax_and_out_are_filled(any_backend, storage):
+    """bnb's convention: ``absmax=buf`` and ``out=buf`` receive the results, and are returned."""
+    x = make_input((40, 64), torch.float32).to(DEVICE)
+    expected_packed, expected_state = nf4.quantize_4bit(x, blocksize=64, quant_type="nf4",
+                                                        quant_storage=storage)
+    absmax = torch.full_like(expected_state.absmax, float("nan"))
+    out = torch.zeros_like(expected_packed)
+    packed, state = nf4.quantize_4bit(x, absmax=absmax, out=out, blocksize=64, quant_type="nf4",
+                                      quant_storage=storage)
+    assert packed is out and state.absmax is absmax
+    assert torch.equal(out.view(torch.uint8), expected_packed.view(torch.uint8))
+    assert torch.equal(absmax, expected_state.absmax)
