@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import nf4
-from nf4 import reference
+from nf4 import codebook, reference
 from nf4.quant_state import QuantState
 from tests.conftest import DEVICE
 
@@ -176,3 +176,22 @@ def test_strided_and_expanded_inputs(any_backend, layout):
     got = torch.ops.nf4.dequantize(*odd)
     assert torch.isfinite(expected).all()
     assert torch.equal(bits(got.cpu()), bits(expected))
+
+
+@pytest.mark.parametrize("nested_blocksize", [32, 128, 1024])
+def test_nested_blocksize_other_than_256_is_honoured(any_backend, nested_blocksize):
+    """A state whose nested block size is not bnb's 256 (the format allows any) decodes with its
+    own: 300 absmax values make nested blocks of 128 differ from blocks of 256."""
+    x = torch.randn(300 * 64, generator=torch.Generator().manual_seed(3))
+    packed, absmax = reference.quantize(x, 64, "nf4")
+    codes, nested, offset = reference.quantize_absmax(absmax, nested_blocksize)
+    code = codebook.dynamic_map()
+    state2 = QuantState(absmax=nested, code=code, blocksize=nested_blocksize, dtype=torch.float32)
+    state = QuantState(absmax=codes, shape=x.shape, code=codebook.levels("nf4"), blocksize=64,
+                       quant_type="nf4", dtype=torch.float32, offset=offset, state2=state2)
+    # Each absmax code scaled by its own nested block's value, written out here (not through the
+    # reference's dequantize_absmax, which is under test too).
+    scale = code[codes.long()] * nested[torch.arange(codes.numel()) // nested_blocksize] + offset
+    own = reference.dequantize(packed, scale, 64, "nf4", x.numel(), torch.float32)
+    got = nf4.dequantize_4bit(packed.view(-1, 1).to(DEVICE), state.to(DEVICE)).cpu()
+    assert torch.equal(bits(got), bits(own))

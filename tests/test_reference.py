@@ -150,3 +150,53 @@ def test_fp4_signed_zero_and_sign_bit():
     packed, absmax = reference.quantize(x, 32, "fp4")
     codes = reference.unpack(packed, x.numel()).tolist()
     assert codes == [0, 0, 0b1011, 0b0011, 0b1111, 0b0111]
+
+
+def _reciprocal_vs_division_cases(quant_type):
+    """(x, absmax) pairs, one per threshold t where one exists, with x * (1/absmax) and
+    x / absmax on opposite sides of t (each rounds once in float32, differently)."""
+    thr = (codebook.nf4_thresholds() if quant_type == "nf4" else codebook.fp4_thresholds()).tolist()
+    a = torch.rand(20000, generator=torch.Generator().manual_seed(0)) * 3 + 0.1
+    cases = []
+    for t in thr:
+        x = torch.tensor(t) * a
+        for x in (x, torch.nextafter(x, x - 1), torch.nextafter(x, x + 1)):
+            split = ((x * torch.reciprocal(a)) > t) != ((x / a) > t)
+            if bool(split.any()):
+                j = int(split.nonzero()[0])
+                cases.append((float(x[j]), float(a[j])))
+                break
+    return cases
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_scaling_is_the_reciprocal_product_not_a_division(quant_type):
+    """bitsandbytes scales by x * (1/absmax) (See reference's Note: reciprocal scaling); on these
+    values a division gives another code, so this test tells the two apart exactly."""
+    cases = _reciprocal_vs_division_cases(quant_type)
+    assert len(cases) >= 6  # measured: 15 of 15 nf4 thresholds, 7 of 7 fp4 ones
+    bs = 32
+    x = torch.zeros(len(cases) * bs)
+    for i, (v, a) in enumerate(cases):
+        x[i * bs], x[i * bs + 1] = a, v  # the block's absmax is a, exactly
+    packed, absmax = reference.quantize(x, bs, quant_type)
+    got = reference.unpack(packed, x.numel()).view(-1, bs)[:, 1]
+    v = torch.tensor([c[0] for c in cases])
+    a = torch.tensor([c[1] for c in cases])
+    assert torch.equal(absmax, a)
+    product = reference.encode(v * torch.reciprocal(a), quant_type).long()
+    division = reference.encode(v / a, quant_type).long()
+    assert torch.equal(got, product)
+    assert not bool((got == division).any())
+
+
+def test_double_quant_midpoint_ties_take_the_lower_code():
+    """A centred absmax exactly on a dynamic-map midpoint takes the lower code (x > t: upper),
+    as bitsandbytes' search does: offset 0 and nested absmax 1 make scaled == the midpoint."""
+    thresholds = codebook.dynamic_map_thresholds()
+    for i, t in enumerate(thresholds.tolist()):
+        absmax = torch.tensor([1.0, -1.0, t, -t])
+        codes, nested, offset = reference.quantize_absmax(absmax)
+        assert float(offset) == 0.0 and float(nested[0]) == 1.0
+        assert int(codes[2]) == i, (i, t)
+        assert int(codes[3]) == int(torch.bucketize(torch.tensor(-t), thresholds))
