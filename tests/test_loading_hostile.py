@@ -207,7 +207,7 @@ def test_config_with_fewer_layers_than_the_weights(fixtures, tmp_path, fixture):
     # bnb checkpoints already failed (a quantization state for a layer the model lacks).
     with pytest.raises(ValueError, match=r"model\.layers\.1\.") as e:
         load(folder)
-    assert "no place in the LlamaForCausalLM" in str(e.value) or "not a linear layer" in str(e.value)
+    assert "fewer layers" in str(e.value) or "not a linear layer" in str(e.value)
 
 
 def test_config_of_an_unrelated_architecture(fixtures, tmp_path):
@@ -219,6 +219,26 @@ def test_config_of_an_unrelated_architecture(fixtures, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="no place in the BertModel|lacks"):
         load(folder)
+
+
+def test_unrelated_tensors_outweighing_the_model_are_refused(fixtures, tmp_path):
+    """A model the checkpoint fully satisfies, but most of the checkpoint's bytes unused."""
+    folder = copy_fixture(fixtures, "tiny_llama_bnb4", tmp_path)
+    _rewrite(folder / "model.safetensors", lambda t: t.update(
+        {"vision_tower.blocks.weight": torch.zeros(4096, 1024, dtype=torch.bfloat16)}))
+    with pytest.raises(ValueError, match=r"another architecture.*vision_tower\.blocks\.weight"):
+        load(folder)
+
+
+def test_extra_head_is_named_in_a_warning(fixtures, tmp_path, caplog):
+    """A small extra tensor (a pretraining head) loads, as in transformers, named at WARNING;
+    an old per-layer rotary_emb.inv_freq is ignored silently, as transformers does."""
+    folder = copy_fixture(fixtures, "tiny_llama_bnb4", tmp_path)
+    _rewrite(folder / "model.safetensors", lambda t: t.update(
+        {"cls.predictions.bias": torch.zeros(16), "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    with caplog.at_level("WARNING", logger="nf4.loading.model"):
+        load(folder)
+    assert "cls.predictions.bias" in caplog.text and "inv_freq" not in caplog.text
 
 
 @pytest.mark.parametrize("archs", [5, "LlamaForCausalLM", [5], {"a": 1}])

@@ -306,22 +306,47 @@ def _make_plan(model: nn.Module, ckpt: Checkpoint, quantized: dict[str, QuantLin
     return plan
 
 
+def _layer_pattern(name: str) -> str:
+    """``model.layers.7.mlp.up_proj.weight`` -> ``model.layers.#.mlp.up_proj.weight``."""
+    return re.sub(r"\.\d+\.", ".#.", name)
+
+
 def _refuse_unused(model: nn.Module, ckpt: Checkpoint, unused: list[str], to_model) -> None:
-    """Raise if the checkpoint holds tensors the model has no place for.
+    """Raise if the checkpoint holds tensors that show the config describes another model; warn,
+    naming them, about other tensors the model has no place for.
 
     A config.json with fewer layers than the weights, or naming another architecture, builds a
-    model that silently drops them: a different model than the checkpoint's, with no error. So
-    they are refused (naming them), except the extras transformers itself ignores: the model's
-    ``_keys_to_ignore_on_load_unexpected`` patterns, and non-persistent buffers (``position_ids``,
-    ``rotary_emb.inv_freq``) that older versions saved."""
+    model that would silently drop weights: a different model than the checkpoint's. Refused:
+    a dropped tensor that is a numbered layer's tensor of this very model (fewer layers), or
+    dropped tensors outweighing the loaded ones (another architecture). Extra heads are common
+    and harmless (bert-base-uncased carries the pretraining heads cls.* that BertForMaskedLM
+    drops), so, as transformers does, those are named in a WARNING. Not even that for the extras
+    transformers ignores silently: the model's ``_keys_to_ignore_on_load_unexpected`` patterns,
+    and ``position_ids`` / ``rotary_emb.inv_freq``, persistent buffers in older versions."""
+    buffers = [name for name, _ in model.named_buffers()]
     patterns = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
-    buffers = {name for name, _ in model.named_buffers()}
-    dropped = [n for n in unused if to_model(n) not in buffers
-               and not any(p.search(n) or p.search(to_model(n)) for p in patterns)]
-    if dropped:
-        raise ValueError(f"{ckpt.folder}: {len(dropped)} tensor(s) of the checkpoint have no place in the "
-                         f"{type(model).__name__} that config.json describes (fewer layers, or another "
-                         f"architecture?), e.g. {sorted(dropped)[:5]}; refusing to drop them")
+    if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
+        patterns.append(re.compile(r"rotary_emb\.inv_freq$"))
+    if any(b.endswith("position_ids") for b in buffers):
+        patterns.append(re.compile(r"(^|\.)position_ids$"))
+    dropped = [n for n in unused if not any(p.search(n) or p.search(to_model(n)) for p in patterns)]
+    if not dropped:
+        return
+    layers = {_layer_pattern(n) for n, _ in model.named_parameters(remove_duplicate=False)}
+    truncated = [n for n in dropped if _layer_pattern(to_model(n)) != to_model(n)
+                 and _layer_pattern(to_model(n)) in layers]
+    if truncated:
+        raise ValueError(f"{ckpt.folder}: config.json describes fewer layers than the checkpoint holds: "
+                         f"{len(truncated)} tensor(s) of layers the {type(model).__name__} lacks would "
+                         f"be dropped, e.g. {sorted(truncated)[:5]}")
+    dropped_bytes = sum(ckpt[n].nbytes for n in dropped)
+    if 2 * dropped_bytes > ckpt.total_bytes:
+        raise ValueError(f"{ckpt.folder}: {len(dropped)} tensor(s) ({dropped_bytes} of {ckpt.total_bytes} "
+                         f"bytes) have no place in the {type(model).__name__} that config.json describes "
+                         f"(another architecture?), e.g. {sorted(dropped)[:5]}")
+    log.warning("%s: %d tensor(s) of the checkpoint have no place in the %s and are not loaded: %s",
+                ckpt.folder, len(dropped), type(model).__name__,
+                ", ".join(sorted(dropped)[:10]) + (", ..." if len(dropped) > 10 else ""))
 
 
 def _check_float(entry: TensorEntry, shape: tuple[int, ...]) -> None:
