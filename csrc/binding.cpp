@@ -106,18 +106,18 @@ PYBIND11_MODULE(_C, m) {
            pybind11::arg("inside"), pybind11::arg("below"), pybind11::arg("cell_scale"),
            pybind11::arg("cell_offset"), pybind11::arg("fp4_codes"), pybind11::arg("zero_code"));
   pybind11::class_<NestedTable>(m, "NestedTable")
-      .def(pybind11::init([](const std::vector<float>& thresholds, int zero_index) {
+      .def(pybind11::init([](const std::vector<float>& thresholds, int flat_code) {
              if (thresholds.size() != 256)
                throw pybind11::value_error("NestedTable needs 256 thresholds, got " +
                                            std::to_string(thresholds.size()));
-             if (zero_index < 0 || zero_index > 255)
-               throw pybind11::value_error("zero_index must be in [0, 255], got " + std::to_string(zero_index));
+             if (flat_code < 0 || flat_code > 255)
+               throw pybind11::value_error("flat_code must be in [0, 255], got " + std::to_string(flat_code));
              NestedTable t{};
              for (int i = 0; i < 256; ++i) t.thresholds[i] = thresholds[i];
-             t.zero_index = zero_index;
+             t.flat_code = flat_code;
              return t;
            }),
-           pybind11::arg("thresholds"), pybind11::arg("zero_index"));
+           pybind11::arg("thresholds"), pybind11::arg("flat_code"));
   pybind11::class_<DecodeTable>(m, "DecodeTable")
       .def(pybind11::init([](const std::vector<float>& levels) {
              if (levels.size() != 16)

@@ -52,7 +52,7 @@ struct EncodeTable {
 // Thresholds between adjacent values of the 256-entry dynamic map (255 + a +inf pad).
 struct NestedTable {
   float thresholds[256];
-  int zero_index;      // index of 0.0 in the map: code of a block whose values all equal the mean
+  int flat_code;       // code of a block whose values all equal the mean (bnb's: 0; codebook.NESTED_FLAT_CODE)
 };
 
 // The 16 float32 values that 4-bit codes decode to.

@@ -165,7 +165,8 @@ __global__ void __launch_bounds__(kThreads, 5) quantize_kernel(
 // Double quantization: one warp per nested block of kNestedBlock float32 absmax values, 8 per
 // lane, all loaded before use. centred = absmax - mean; nested_absmax = max |centred|; code =
 // index of the nearest dynamic-map value, by an 8-step binary search over the 255 midpoints (x
-// above a midpoint takes the upper value); NaN (a block of identical values) takes the code of 0.
+// above a midpoint takes the upper value); NaN (a block of identical values) takes table.flat_code,
+// bitsandbytes' code there (it decodes to the offset whatever it is).
 __global__ void __launch_bounds__(kThreads) quantize_absmax_kernel(
     const float* __restrict__ absmax, int64_t blocks, const float* __restrict__ offset,
     uint8_t* __restrict__ codes, float* __restrict__ nested_absmax, NestedTable table) {
@@ -196,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) quantize_absmax_kernel(
 #pragma unroll
     for (int step = 128; step > 0; step >>= 1) code += x > s_thr[code + step - 1] ? step : 0;
     const int64_t i = start + k * 32 + lane;
-    if (i < blocks) codes[i] = static_cast<uint8_t>(isnan(x) ? table.zero_index : code);
+    if (i < blocks) codes[i] = static_cast<uint8_t>(isnan(x) ? table.flat_code : code);
   }
 }
 
@@ -249,7 +250,7 @@ Status launch_quantize_absmax(const float* absmax, int64_t blocks, const float* 
     return kNullPointer;
   if (blocks <= 0) return kBadSize;
   if (nested_blocksize != kNestedBlock) return kBadBlocksize;
-  if (table.zero_index < 0 || table.zero_index > 255) return kBadTable;
+  if (table.flat_code < 0 || table.flat_code > 255) return kBadTable;
   const int64_t nested_blocks = (blocks + kNestedBlock - 1) / kNestedBlock;
   const int64_t grid = (nested_blocks + kWarps - 1) / kWarps;
   if (grid > 0x7fffffff) return kBadSize;

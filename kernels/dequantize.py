@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tables import device_tables
+from .tables import dense, device_tables
 
 # Packed bytes one program decodes (4096 outputs): 16 outputs per thread with 8 warps.
 _BYTES_PER_PROGRAM = 2048
@@ -94,9 +94,11 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Option
                nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int,
                nested_blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype,
                out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Backend protocol; ops.py has checked every size, dtype and device."""
+    """Backend protocol; ops.py has checked every size, dtype and device, not the layout: every
+    input is made dense here (``out`` is contiguous: ops.py checks it)."""
     if out is None:
         out = torch.empty(list(shape), dtype=dtype, device=packed.device)
-    launch_dequantize(packed.reshape(-1), absmax, nested_absmax, nested_code, offset, blocksize,
-                      nested_blocksize, quant_type, math.prod(shape), out)
+    launch_dequantize(dense(packed).reshape(-1), dense(absmax), dense(nested_absmax),
+                      dense(nested_code), dense(offset), blocksize, nested_blocksize, quant_type,
+                      math.prod(shape), out)
     return out

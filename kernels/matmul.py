@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .dequantize import decode_absmax
-from .tables import device_tables
+from .tables import dense, device_tables
 
 # The largest token count the CUDA-core GEMV serves (tl.dot needs 16 rows, so below that the MMA
 # computes mostly padding; at 8 tokens the GEMV's FMAs still hide under the weight stream).
@@ -344,6 +344,8 @@ def matmul(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
     if M == 0:
         return A.new_empty((*lead, out_features))
     cfg = config or choose_config(M, out_features, in_features, blocksize, A.device)
-    y = launch(A2, packed.reshape(-1), absmax, nested_absmax, nested_code, offset, blocksize,
-               nested_blocksize, quant_type, out_features, bias, cfg)
+    # ops.py checked sizes, not layouts: strided or expanded state and bias are made dense here.
+    y = launch(A2, dense(packed).reshape(-1), dense(absmax), dense(nested_absmax),
+               dense(nested_code), dense(offset), blocksize, nested_blocksize, quant_type,
+               out_features, dense(bias), cfg)
     return y.reshape(*lead, out_features)

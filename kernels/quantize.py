@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tables import device_tables
+from .tables import dense, device_tables
 from nf4 import codebook
 from nf4.quant_state import num_blocks, packed_nbytes
 
@@ -64,7 +64,7 @@ def _quantize_kernel(a_ptr, packed_ptr, absmax_ptr, thr_ptr, fp4_codes_ptr, n, n
 @triton.jit
 def _quantize_absmax_kernel(absmax_ptr, offset_ptr, codes_ptr, nested_ptr, thr_ptr, nblocks,
                             NESTED_BLOCKSIZE: tl.constexpr,  # absmax values per nested block (256)
-                            ZERO_CODE: tl.constexpr):        # dynamic-map code of 0.0
+                            FLAT_CODE: tl.constexpr):        # codebook.NESTED_FLAT_CODE
     nb = tl.program_id(0).to(tl.int64)
     idx = nb * NESTED_BLOCKSIZE + tl.arange(0, NESTED_BLOCKSIZE)
     ok = idx < nblocks
@@ -78,14 +78,15 @@ def _quantize_absmax_kernel(absmax_ptr, offset_ptr, codes_ptr, nested_ptr, thr_p
     for step in tl.static_range(7, -1, -1):
         cand = code + (1 << step)
         code = tl.where(scaled > tl.load(thr_ptr + cand - 1), cand, code)
-    # NaN (a block of identical absmax values) is stored as the code of 0.0: it decodes to offset.
-    code = tl.where(scaled != scaled, ZERO_CODE, code)
+    # NaN (a block of identical absmax values): bnb's code, it decodes to offset whatever it is.
+    code = tl.where(scaled != scaled, FLAT_CODE, code)
     tl.store(codes_ptr + idx, code.to(tl.uint8), mask=ok)
 
 
 def quantize(A: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool):
-    """Backend protocol: ``A`` is contiguous fp32/fp16/bf16 with at least one element (ops.py checks)."""
-    flat = A.reshape(-1)
+    """Backend protocol: ``A`` is fp32/fp16/bf16 with at least one element (ops.py checks); a 1-D
+    expanded ``A`` stays stride 0 through ``reshape``, so it is made dense here too."""
+    flat = dense(A).reshape(-1)
     n = flat.numel()
     blocks = num_blocks(n, blocksize)
     packed = torch.empty(packed_nbytes(n), dtype=torch.uint8, device=A.device)
@@ -107,5 +108,5 @@ def quantize(A: torch.Tensor, blocksize: int, quant_type: str, double_quant: boo
     nested = torch.empty(num_blocks(blocks, nbs), dtype=torch.float32, device=A.device)
     _quantize_absmax_kernel[(nested.numel(),)](
         absmax, offset, codes, nested, t.dynamic_thresholds, blocks, NESTED_BLOCKSIZE=nbs,
-        ZERO_CODE=t.dynamic_zero_code)
+        FLAT_CODE=codebook.NESTED_FLAT_CODE)
     return packed, codes, nested, offset

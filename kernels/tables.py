@@ -6,7 +6,7 @@ arguments and read them through the L1 cache (16 levels are 64 bytes: one cache 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -20,7 +20,6 @@ class Tables(NamedTuple):
     fp4_thresholds: torch.Tensor      # float32 [7], on |x|
     fp4_sorted_codes: torch.Tensor    # int32 [8]: bucket index -> fp4 magnitude code
     dynamic_thresholds: torch.Tensor  # float32 [255], double quantization
-    dynamic_zero_code: int            # dynamic-map code of 0.0
 
     def levels(self, quant_type: str) -> torch.Tensor:
         return self.nf4_levels if quant_type == "nf4" else self.fp4_levels
@@ -35,5 +34,12 @@ def device_tables(device: torch.device) -> Tables:
         fp4_thresholds=codebook.fp4_thresholds().to(device),
         fp4_sorted_codes=codebook.fp4_sorted_codes().to(torch.int32).to(device),
         dynamic_thresholds=codebook.dynamic_map_thresholds().to(device),
-        dynamic_zero_code=codebook.dynamic_zero_code(),
     )
+
+
+def dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` with its elements laid out one after another, as the kernels index it (base pointer +
+    element index). A strided view would be read at the wrong elements and an expanded (stride-0)
+    tensor past its allocation: ``torch.tensor([2.0]).expand(4096)`` owns 4 bytes, not 16 KiB.
+    ``.contiguous()`` returns ``t`` itself when it already is, so the common call pays nothing."""
+    return None if t is None else t.contiguous()

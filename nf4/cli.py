@@ -14,7 +14,9 @@ import argparse
 import logging
 import math
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -94,23 +96,72 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def _device(name: Optional[str]) -> torch.device:
+    """``--device``, checked before anything is read: cpu or an existing CUDA device."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name!r} is not a device ({e})") from e
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: nf4 quantizes on cpu or cuda, not {device.type}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before the (long) quantization if ``out`` cannot be written: make and remove a
+    temporary folder in its nearest existing ancestor, as save_pretrained will (permission bits
+    alone do not tell, e.g. for root or on a read-only mount)."""
+    parent = out.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: {parent} is not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".nf4-write-check-", dir=parent)).rmdir()
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write in {parent} ({e.strerror or e})") from e
+
+
+def _stored_formats(source: Path) -> set[tuple[str, int, bool]]:
+    """The (quant_type, blocksize, double quant) of an already 4-bit (bnb) folder; empty if float."""
+    return set(summarize(source).formats)
+
+
 def cmd_quantize(args) -> int:
     start = time.perf_counter()
+    device = _device(args.device)
     source = demo_model_dir() if args.model is None else resolve(args.model, revision=args.revision)
     if args.model is None:
         log.info("no MODEL given: using the bundled all-MiniLM-L6-v2 at %s", source)
     out = args.out if args.out is not None else DEFAULT_OUT / (
         "all-MiniLM-L6-v2" if args.model is None else (Path(args.model).name or "model"))
+    if out.resolve() == Path(source).resolve() and not args.force:
+        raise UsageError(f"--out {out} is the source folder: quantizing would replace the model it "
+                         f"reads (pass --force to do so)")
+    _check_writable(out)
     before = Checkpoint(source)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA GPU here (use --device cpu)")
-    opts = QuantOptions(quant_type=args.quant_type, blocksize=args.blocksize,
+    stored = _stored_formats(source)
+    opts = QuantOptions(quant_type=args.quant_type or "nf4", blocksize=args.blocksize or 64,
                         compress_statistics=not args.no_double_quant)
+    asked = (opts.quant_type, opts.blocksize, opts.compress_statistics)
+    explicit = args.quant_type is not None or args.blocksize is not None or args.no_double_quant
+    # 4-bit weights are copied as stored, never re-quantized (that would add a second rounding
+    # error): asking for another format there would be silently ignored, so it is refused.
+    if stored and explicit and stored != {asked}:
+        raise UsageError(f"{source} is already 4-bit ({_formats(stored)}); its weights are copied as "
+                         f"stored, not re-quantized to {_formats({asked})}: quantize the float model")
     stats = _LayerStats()
     model = load_folder(source, device=device, opts=opts, observer=stats, progress=not args.quiet)
     saved = save_pretrained(model, out, source_dir=source)
     after = summarize(saved)
+    written = set(after.formats)
     elapsed = time.perf_counter() - start
 
     rows = [(name, f"{o}x{i}", f"{bits:.3f}", f"{db:.2f}") for name, (o, i), bits, db in stats.rows]
@@ -119,8 +170,8 @@ def cmd_quantize(args) -> int:
     sqnrs = [r[3] for r in stats.rows]
     summary = [
         ("model", str(args.model or "all-MiniLM-L6-v2 (bundled)")),
-        ("format", f"{opts.quant_type}, block size {opts.blocksize}, double quant "
-                   f"{'yes' if opts.compress_statistics else 'no'}, on {device}"),
+        ("format", f"{_formats(written)}, on {device}"
+                   + (" (copied as stored: the source was already 4-bit)" if stored else "")),
         ("tensors", f"{len(before.entries)} in, {after.tensors} out "
                     f"({after.quantized_weights} linear weights quantized)"),
         ("bytes", f"{_mib(before.total_bytes)} -> {_mib(after.total_bytes)} "
@@ -134,6 +185,11 @@ def cmd_quantize(args) -> int:
     print()
     print(_pairs(summary))
     return 0
+
+
+def _formats(formats: set[tuple[str, int, bool]]) -> str:
+    return "; ".join(f"{q}, block size {b}, double quant {'yes' if d else 'no'}"
+                     for q, b, d in sorted(formats)) or "none"
 
 
 def cmd_inspect(args) -> int:
@@ -152,12 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model's linear layers and save a bnb-4bit folder")
     q.add_argument("model", nargs="?", help="Hub repository id or local folder (default: bundled MiniLM)")
     q.add_argument("--out", type=Path, help=f"output folder (default: {DEFAULT_OUT}/<model name>)")
-    q.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
-    q.add_argument("--blocksize", type=int, default=64, choices=[2**i for i in range(5, 13)])
+    q.add_argument("--quant-type", choices=("nf4", "fp4"), help="default: nf4")
+    q.add_argument("--blocksize", type=int, choices=[2**i for i in range(5, 13)], help="default: 64")
     q.add_argument("--no-double-quant", action="store_true", help="keep absmax in float32")
     q.add_argument("--device", help="where to quantize (default: cuda if available, else cpu)")
     q.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    q.add_argument("--force", action="store_true", help="allow --out to be the source folder")
     q.set_defaults(func=cmd_quantize)
     i = sub.add_parser("inspect", help="summarize a quantized (or float) model folder")
     i.add_argument("dir")
@@ -171,9 +228,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (UsageError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+    except (UsageError, OSError, ValueError, TypeError, ImportError) as e:
+        # Bad input (arguments, folders, checkpoints): one line, no traceback.
         print(f"nf4: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001  (the command line's last line of defence)
+        # Anything else is an nf4 bug, still reported in one line; -v adds the traceback.
+        if args.verbose:
+            traceback.print_exc()
+        print(f"nf4: internal error: {type(e).__name__}: {e} (run with -v for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

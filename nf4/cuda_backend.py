@@ -69,7 +69,7 @@ def _encode_table(quant_type: str) -> "_C.EncodeTable":
 _ENCODE = {qt: _encode_table(qt) for qt in codebook.QUANT_TYPES}
 _DECODE = {qt: _C.DecodeTable(codebook.levels(qt).tolist()) for qt in codebook.QUANT_TYPES}
 _NESTED = _C.NestedTable(codebook.dynamic_map_thresholds().tolist() + [math.inf],
-                         codebook.dynamic_zero_code())
+                         codebook.NESTED_FLAT_CODE)
 
 
 # The current stream's raw handle without building a torch.cuda.Stream object (~30 us of host

@@ -36,7 +36,7 @@ from torch import nn
 from nf4 import codebook, functional
 from nf4.autograd import dropout_mask, lora_linear, quant_lora_linear, resolve_dtypes
 from nf4.quant_state import QuantState, check_blocksize, check_float_dtype
-from nf4.weight import as_uint8, check_storage_dtype, eager, packed_weight
+from nf4.weight import check_storage_dtype, eager, packed_weight
 
 __all__ = ["QuantLinear4bit", "Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
 

@@ -39,7 +39,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from nf4 import functional
 from nf4.autograd import dropout_mask, quant_lora_linear, resolve_dtypes
 from nf4.nn import QuantLinear4bit
 

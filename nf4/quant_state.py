@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from nf4 import codebook
+from nf4 import codebook, safe_json
 
 SUPPORTED_BLOCKSIZES = tuple(2**i for i in range(5, 13))  # 32 .. 4096
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -333,10 +333,7 @@ def _unpack_json(t: torch.Tensor, key: str) -> dict[str, Any]:
                          f"{tuple(t.shape)}")
     if t.numel() > _MAX_JSON_BYTES:
         raise ValueError(f"{key!r} holds {t.numel()} bytes, more than a quant state ({_MAX_JSON_BYTES})")
-    try:
-        meta = json.loads(bytes(t.cpu().tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{key!r} is not valid UTF-8 JSON: {e}") from e
+    meta = safe_json.loads(bytes(t.cpu().tolist()), repr(key), _MAX_JSON_BYTES)
     if not isinstance(meta, dict):
         raise ValueError(f"{key!r} must hold a JSON object, got {type(meta).__name__}")
     unknown = set(meta) - set(_JSON_KEYS)

@@ -85,10 +85,10 @@ def quantize_absmax(absmax: torch.Tensor, nested_blocksize: int = codebook.NESTE
     nested_absmax = blockwise_absmax(centred, nested_blocksize)
     scaled = _scale_blocks(centred, nested_absmax, nested_blocksize)
     thresholds = codebook.dynamic_map_thresholds().to(absmax.device)
-    # A block of identical absmax values centres to zeros: scaled is NaN there, stored as the
-    # code of 0.0 so that it decodes back to the offset.
-    zero = codebook.dynamic_zero_code()
-    codes = torch.where(torch.isnan(scaled), zero, torch.bucketize(scaled, thresholds))
+    # A block of identical absmax values centres to zeros: scaled is NaN there (See
+    # codebook.NESTED_FLAT_CODE); it decodes back to the offset whatever the code.
+    codes = torch.where(torch.isnan(scaled), codebook.NESTED_FLAT_CODE,
+                        torch.bucketize(scaled, thresholds))
     return codes.to(torch.uint8), nested_absmax, offset
 
 

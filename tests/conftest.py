@@ -49,6 +49,16 @@ def kernel_backend(request):
     return name
 
 
+@pytest.fixture(params=("reference",) + KERNEL_BACKENDS)
+def any_backend(request):
+    """Every backend that can run on DEVICE here (the reference included), forced for the test."""
+    name = request.param
+    if not backends.supports(name, DEVICE):
+        pytest.skip(f"backend {name} cannot run {DEVICE.type} tensors here")
+    nf4.set_backend(name)
+    return name
+
+
 @pytest.fixture(scope="session")
 def fixtures():
     path = fixtures_dir()

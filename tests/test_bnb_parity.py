@@ -1,9 +1,10 @@
 """The reference engine against vectors made by bitsandbytes 0.50.2 itself (../shared/fixtures).
 
-Expected agreement (fixtures README): packed codes equal except rare threshold ties, each one code
-apart (bnb's GPU build uses an approximate reciprocal; the reference an IEEE one); absmax equal;
-nested codes equal but for such ties; dequantizing bnb's stored state reproduces bnb's output
-bit for bit.
+Expected agreement (fixtures README): packed codes equal except rare threshold ties (bnb's GPU
+build uses an approximate reciprocal; the reference an IEEE one), absmax equal, nested codes equal
+but for such ties; dequantizing bnb's stored state reproduces bnb's output bit for bit. On these
+vectors no tie occurs (measured: 0 differing codes in all 48 quantize cases), so codes compare
+exactly: a tie allowance here would hide a wrong code.
 """
 import json
 
@@ -17,10 +18,6 @@ from nf4.quant_state import QuantState
 
 CASES = ["normal_f32_512x64", "normal_bf16_256x256", "normal_f16_128x512", "studentt_f32_300x128",
          "zeros_blocks_f32_64x256", "outliers_f32_128x256", "odd_f32_63x65", "tail_f32_3000"]
-# Threshold ties allowed per case: bnb's approximate reciprocal moves a value across a decision
-# threshold only when it lies within ~1 ulp of it; on these vectors (<= 65,536 values) we have seen
-# none, so a handful (8) is already a generous bound, and every tie must be exactly one code apart.
-MAX_TIES = 8
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +35,7 @@ def assert_codes_match(ours_packed, bnb_packed, numel):
     ours = reference.unpack(ours_packed, numel)
     theirs = reference.unpack(bnb_packed, numel)
     diff = ours != theirs
-    assert int(diff.sum()) <= MAX_TIES, f"{int(diff.sum())} codes differ from bitsandbytes"
-    assert bool(((ours - theirs).abs()[diff] <= 1).all()), "a differing code is more than one step away"
+    assert not bool(diff.any()), f"{int(diff.sum())} codes differ from bitsandbytes"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -54,9 +50,7 @@ def test_quantize_matches_bnb(vectors, case, blocksize, dq):
     assert_codes_match(packed, bnb_packed, x.numel())
     theirs = bnb_state(vectors, prefix)
     if dq:
-        diff = state.absmax != theirs.absmax
-        assert int(diff.sum()) <= MAX_TIES
-        assert bool(((state.absmax.int() - theirs.absmax.int()).abs()[diff] <= 1).all())
+        assert torch.equal(state.absmax, theirs.absmax)  # nested codes: exact too
         # The mean of the absmax is reduced in a different order on the GPU: 1-2 ulp apart.
         torch.testing.assert_close(state.offset, theirs.offset, rtol=1e-6, atol=0)
         torch.testing.assert_close(state.state2.absmax, theirs.state2.absmax, rtol=1e-6, atol=0)

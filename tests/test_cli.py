@@ -1,11 +1,13 @@
 """The main job: ``nf4 quantize`` on the bundled all-MiniLM-L6-v2, ``nf4 inspect``, and errors."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nf4.cli import demo_model_dir, main
@@ -108,3 +110,99 @@ def test_errors_exit_2_without_traceback(tmp_path, capsys):
         main(["quantize", "--no-such-option"])
     assert e.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- hostile input
+def one_line_error(capsys, argv, match, code=2):
+    """``nf4 argv`` exits ``code`` with exactly one line on stderr matching ``match``."""
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert re.search(match, err), err
+    return err
+
+
+@pytest.mark.parametrize("device,match", [("bogus", "not a device"), ("meta", "cpu or cuda"),
+                                          ("cuda:99", "CUDA")])
+def test_bad_device_is_one_line(tmp_path, capsys, device, match):
+    one_line_error(capsys, ["quantize", "--out", str(tmp_path / "o"), "--device", device, "-q"],
+                   rf"--device .*{match}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_out_is_one_line_before_quantizing(capsys, monkeypatch):
+    monkeypatch.setattr("nf4.cli.load_folder", lambda *a, **k: pytest.fail("loaded before checking --out"))
+    # /proc/self refuses new entries even to root (for whom permission bits allow everything).
+    one_line_error(capsys, ["quantize", "--out", "/proc/self/nf4-out", "--device", "cpu", "-q"],
+                   r"--out /proc/self/nf4-out: cannot write")
+
+
+def _tamper(folder, edit_meta=None, edit_config=None):
+    """Rewrite the first quantization-state blob (edit_meta(meta)) or config.json (edit_config)."""
+    if edit_config is not None:
+        config = json.loads((folder / "config.json").read_text())
+        edit_config(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    if edit_meta is not None:
+        shard = folder / "model.safetensors"
+        tensors = load_file(str(shard))
+        key = sorted(k for k in tensors if ".quant_state.bitsandbytes__" in k)[0]
+        meta = json.loads(bytes(tensors[key].tolist()))
+        edit_meta(meta)
+        tensors[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case,match", [
+    ("shape_infinity", "shape must be a list of non-negative ints"),
+    ("negative_dims", "shape must be a list of non-negative ints"),
+    ("absurd_blocksize", "blocksize must be one of"),
+    ("quant_type", "quant_type must be one of"),
+    ("architectures", "architectures must be a list"),
+    ("nested_header", "nested"),
+])
+def test_inspect_tampered_folder_is_one_line(quantized, tmp_path, capsys, case, match):
+    folder = tmp_path / "tampered"
+    shutil.copytree(quantized[0], folder)
+    if case == "shape_infinity":
+        _tamper(folder, edit_meta=lambda m: m.update(shape=[float("inf")]))
+    elif case == "negative_dims":
+        _tamper(folder, edit_meta=lambda m: m.update(shape=[-384, -384]))
+    elif case == "absurd_blocksize":
+        _tamper(folder, edit_meta=lambda m: m.update(blocksize=10**30))
+    elif case == "quant_type":
+        _tamper(folder, edit_meta=lambda m: m.update(quant_type=["nf4"]))
+    elif case == "architectures":
+        _tamper(folder, edit_config=lambda c: c.update(architectures=5))
+    else:
+        raw = b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        (folder / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
+    one_line_error(capsys, ["inspect", str(folder)], match)
+
+
+def test_quantize_onto_the_source_needs_force(tmp_path, capsys):
+    src = tmp_path / "minilm"
+    # A model folder only (the demo's 1_Pooling/ and .gitattributes make save_pretrained refuse).
+    shutil.copytree(demo_model_dir(), src, ignore=shutil.ignore_patterns("1_Pooling", ".gitattributes"))
+    before = sorted(p.name for p in src.iterdir())
+    one_line_error(capsys, ["quantize", str(src), "--out", str(src), "--device", "cpu", "-q"],
+                   "is the source folder.*--force")
+    assert sorted(p.name for p in src.iterdir()) == before
+    assert main(["quantize", str(src), "--out", str(src), "--device", "cpu", "-q", "--force"]) == 0
+    capsys.readouterr()
+    assert json.loads((src / "config.json").read_text())["quantization_config"]["load_in_4bit"]
+
+
+def test_requantizing_a_4bit_folder_says_what_it_wrote(quantized, tmp_path, capsys):
+    src, _ = quantized
+    err = one_line_error(capsys, ["quantize", str(src), "--out", str(tmp_path / "o"), "--quant-type",
+                                  "fp4", "--device", "cpu", "-q"], "already 4-bit")
+    assert "nf4, block size 64, double quant yes" in err and "fp4, block size 64" in err
+    one_line_error(capsys, ["quantize", str(src), "--out", str(tmp_path / "o"), "--blocksize", "128",
+                            "--device", "cpu", "-q"], "already 4-bit")
+    # Without options (or with the stored ones) it copies, and says so.
+    assert main(["quantize", str(src), "--out", str(tmp_path / "o"), "--device", "cpu", "-q",
+                 "--quant-type", "nf4"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^format +nf4, block size 64, double quant yes, on cpu \(copied as stored",
+                     out, re.M), out

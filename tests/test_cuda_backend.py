@@ -86,8 +86,7 @@ def _nested_reference(absmax: torch.Tensor, offset: torch.Tensor):
     centred = absmax - offset
     nested = reference.blockwise_absmax(centred, codebook.NESTED_BLOCKSIZE)
     scaled = reference._scale_blocks(centred, nested, codebook.NESTED_BLOCKSIZE)
-    zero = codebook.dynamic_zero_code()
-    codes = torch.where(torch.isnan(scaled), zero, torch.bucketize(scaled, codebook.dynamic_map_thresholds()))
+    codes = torch.where(torch.isnan(scaled), codebook.NESTED_FLAT_CODE, torch.bucketize(scaled, codebook.dynamic_map_thresholds()))
     return codes, nested, scaled
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import nf4
-from nf4 import reference
+from nf4 import codebook, reference
 from nf4.quant_state import QuantState
 from tests.conftest import DEVICE
 
@@ -112,3 +112,86 @@ def test_rejects_wrong_absmax_dtype():
 def test_reference_unpack_inverts_pack():
     codes = torch.randint(0, 16, (101,), dtype=torch.uint8)
     assert torch.equal(reference.unpack(reference.pack(codes, "nf4"), 101), codes.long())
+
+
+# ------------------------------------------------------------------------------------ layouts
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as every other element of a buffer twice as long (a strided view); the
+    elements in between are poison, so a kernel that reads the view as contiguous picks them up."""
+    wide = torch.full((2 * t.numel(),), 255 if t.dtype == torch.uint8 else float("nan"),
+                      dtype=t.dtype, device=t.device)
+    wide[::2] = t.reshape(-1)
+    return wide[::2]
+
+
+def expanded(value, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """n copies of one value backed by a single element (stride 0)."""
+    return torch.tensor([value], dtype=dtype, device=DEVICE).expand(n)
+
+
+LAYOUTS = ["strided_absmax", "expanded_absmax", "strided_packed", "expanded_packed",
+           "strided_nested", "expanded_nested"]
+
+
+def _layout_args(layout):
+    """(args of torch.ops.nf4.dequantize with one odd layout, the same values made dense)."""
+    shape, bs = [5, 256], 64
+    nested = layout.endswith("nested")
+    packed, state, _ = quantized(shape, torch.float32, bs, "nf4", nested)
+    packed = packed.reshape(-1).to(DEVICE)
+    state = state.to(DEVICE)
+    absmax = state.absmax
+    s2 = state.state2
+    n2 = (s2.absmax, s2.code, state.offset) if nested else (None, None, None)
+    if layout == "strided_absmax":
+        absmax = strided(absmax)
+    elif layout == "expanded_absmax":
+        absmax = expanded(0.75, absmax.numel(), torch.float32)
+    elif layout == "strided_packed":
+        packed = strided(packed)
+    elif layout == "expanded_packed":
+        packed = expanded(0x3C, packed.numel(), torch.uint8)
+    elif layout == "strided_nested":
+        absmax = strided(absmax)
+        n2 = (strided(n2[0]), strided(n2[1]), n2[2])
+    else:
+        absmax = expanded(200, absmax.numel(), torch.uint8)
+        n2 = (expanded(0.5, n2[0].numel(), torch.float32), n2[1],
+              torch.tensor([0.25], device=DEVICE).expand(1))
+    odd = (packed, absmax, *n2, bs, 256, "nf4", shape, torch.float32)
+    dense_args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in odd)
+    return odd, dense_args
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_strided_and_expanded_inputs(any_backend, layout):
+    """Strided views and stride-0 (expanded) state, nested table and packed bytes decode as their
+    dense copies: ops.py checks sizes, so each backend must not read them as contiguous (an
+    expanded 1-element tensor read as contiguous is an out-of-bounds read)."""
+    odd, dense_args = _layout_args(layout)
+    nf4.set_backend("reference")
+    expected = torch.ops.nf4.dequantize(*[a.cpu() if isinstance(a, torch.Tensor) else a
+                                          for a in dense_args])
+    nf4.set_backend(any_backend)
+    got = torch.ops.nf4.dequantize(*odd)
+    assert torch.isfinite(expected).all()
+    assert torch.equal(bits(got.cpu()), bits(expected))
+
+
+@pytest.mark.parametrize("nested_blocksize", [32, 128, 1024])
+def test_nested_blocksize_other_than_256_is_honoured(any_backend, nested_blocksize):
+    """A state whose nested block size is not bnb's 256 (the format allows any) decodes with its
+    own: 300 absmax values make nested blocks of 128 differ from blocks of 256."""
+    x = torch.randn(300 * 64, generator=torch.Generator().manual_seed(3))
+    packed, absmax = reference.quantize(x, 64, "nf4")
+    codes, nested, offset = reference.quantize_absmax(absmax, nested_blocksize)
+    code = codebook.dynamic_map()
+    state2 = QuantState(absmax=nested, code=code, blocksize=nested_blocksize, dtype=torch.float32)
+    state = QuantState(absmax=codes, shape=x.shape, code=codebook.levels("nf4"), blocksize=64,
+                       quant_type="nf4", dtype=torch.float32, offset=offset, state2=state2)
+    # Each absmax code scaled by its own nested block's value, written out here (not through the
+    # reference's dequantize_absmax, which is under test too).
+    scale = code[codes.long()] * nested[torch.arange(codes.numel()) // nested_blocksize] + offset
+    own = reference.dequantize(packed, scale, 64, "nf4", x.numel(), torch.float32)
+    got = nf4.dequantize_4bit(packed.view(-1, 1).to(DEVICE), state.to(DEVICE)).cpu()
+    assert torch.equal(bits(got), bits(own))

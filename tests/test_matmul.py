@@ -171,3 +171,40 @@ def test_llama_shapes(shape, tokens):
     packed, state = make_weight(*shape)
     x = rand_x(tokens, shape[1])
     check(nf4.matmul_4bit(x, packed.t(), state), x, fp32_weight(packed, state))
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+@pytest.mark.parametrize("tokens", [1, 33])  # the GEMV and the tensor-core path
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_strided_and_expanded_state_and_bias(any_backend, layout, tokens, double_quant):
+    """State, nested table, packed bytes and bias as strided views or stride-0 expansions give the
+    product of their dense copies: no backend may read them as if contiguous."""
+    packed, state = make_weight(OUT_F, IN_F, double_quant=double_quant)
+    packed = packed.reshape(-1)
+    s2 = state.state2
+    dense_args = [packed, state.absmax, s2.absmax if double_quant else None,
+                  s2.code if double_quant else None, state.offset if double_quant else None]
+    bias = rand_x(OUT_F, seed=3)
+    if layout == "strided":
+        def odd(t):
+            wide = torch.zeros(2 * t.numel(), dtype=t.dtype, device=t.device)
+            wide[::2] = t.reshape(-1)
+            return wide[::2]
+        args = [None if t is None else odd(t) for t in dense_args]
+        bias = odd(bias)
+    else:
+        # One element each, expanded: a constant weight, every block with the same scale.
+        def odd(t):
+            return t.reshape(-1)[:1].clone().expand(t.numel())
+        args = [None if t is None else odd(t) for t in dense_args]
+        bias = odd(bias)
+    if double_quant:
+        args[4] = args[4][:1]  # offset: one element, as the op requires
+    dense = [None if t is None else t.contiguous() for t in args]
+    x = rand_x(tokens, IN_F)
+    fixed = (state.blocksize, codebook.NESTED_BLOCKSIZE, "nf4", OUT_F, IN_F)
+    y = torch.ops.nf4.matmul(x, *args, *fixed, bias)
+    W32 = reference_backend.dequantize(dense[0], dense[1], *dense[2:], state.blocksize,
+                                       codebook.NESTED_BLOCKSIZE, "nf4", [OUT_F, IN_F],
+                                       torch.float32)
+    check(y, x, W32, bias.contiguous())

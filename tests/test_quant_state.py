@@ -103,3 +103,17 @@ def test_bits_per_parameter():
     _, state, _ = state_dict_of(shape=(4096, 4096))
     # 4 bits + 8-bit absmax per 64 values + 32-bit nested scale per 256 blocks: 4.127 bits.
     assert nf4.functional.bits_per_parameter(state) == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-4)
+
+
+@pytest.mark.parametrize("dq,part", [(False, "absmax"), (True, "absmax"), (True, "offset"),
+                                     (True, "nested_absmax")])
+def test_equality_compares_every_tensor(dq, part):
+    """Two states that differ in one tensor only (one absmax value) are not equal."""
+    _, state, _ = state_dict_of(dq, "nf4")
+    other = QuantState.from_dict({k: v.clone() if isinstance(v, torch.Tensor) else v
+                                  for k, v in state.as_dict(packed=False).items()})
+    assert other == state
+    t = {"absmax": other.absmax, "offset": other.offset,
+         "nested_absmax": other.state2.absmax if dq else None}[part]
+    t.view(-1)[0] = t.view(-1)[0] + 1
+    assert other != state and state != other

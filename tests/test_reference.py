@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import nf4
 from nf4 import codebook, reference
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+# 150 examples: each costs a few ms on these sizes (<= 3000 values); the whole file takes ~20 s.
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -27,7 +28,8 @@ def tensors(draw, max_numel=3000):
     shape = dims + [draw(st.integers(1, rest))]
     dtype = draw(st.sampled_from(DTYPES))
     seed = draw(st.integers(0, 2**31 - 1))
-    dist = draw(st.sampled_from(["normal", "uniform", "outliers", "sparse", "tiny"]))
+    dist = draw(st.sampled_from(["normal", "uniform", "outliers", "sparse", "tiny", "on_thresholds",
+                                 "signed_zeros"]))
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g)
     if dist == "uniform":
@@ -38,6 +40,16 @@ def tensors(draw, max_numel=3000):
         x = x * (torch.rand(shape, generator=g) < 0.3)
     elif dist == "tiny":
         x = x * 1e-3
+    elif dist == "on_thresholds":
+        # Every value a decision threshold (either format's, either sign) times m, and every 32nd
+        # value m itself, so that each block's absmax is m and its values scale onto thresholds.
+        thr = torch.cat([codebook.nf4_thresholds(), codebook.fp4_thresholds(), -codebook.fp4_thresholds()])
+        m = draw(st.sampled_from([1.0, 0.75, 3.0, 1e-3]))
+        x = thr[torch.randint(thr.numel(), shape, generator=g)] * m
+        x.view(-1)[::32] = m
+    elif dist == "signed_zeros":
+        zeros = torch.rand(shape, generator=g) < 0.3
+        x = torch.where(zeros, torch.where(torch.rand(shape, generator=g) < 0.5, -0.0, 0.0), x)
     return x.to(dtype)
 
 
@@ -150,3 +162,87 @@ def test_fp4_signed_zero_and_sign_bit():
     packed, absmax = reference.quantize(x, 32, "fp4")
     codes = reference.unpack(packed, x.numel()).tolist()
     assert codes == [0, 0, 0b1011, 0b0011, 0b1111, 0b0111]
+
+
+def _reciprocal_vs_division_cases(quant_type):
+    """(x, absmax) pairs, one per threshold t where one exists, with x * (1/absmax) and
+    x / absmax on opposite sides of t (each rounds once in float32, differently)."""
+    thr = (codebook.nf4_thresholds() if quant_type == "nf4" else codebook.fp4_thresholds()).tolist()
+    a = torch.rand(20000, generator=torch.Generator().manual_seed(0)) * 3 + 0.1
+    cases = []
+    for t in thr:
+        x = torch.tensor(t) * a
+        for x in (x, torch.nextafter(x, x - 1), torch.nextafter(x, x + 1)):
+            split = ((x * torch.reciprocal(a)) > t) != ((x / a) > t)
+            if bool(split.any()):
+                j = int(split.nonzero()[0])
+                cases.append((float(x[j]), float(a[j])))
+                break
+    return cases
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_scaling_is_the_reciprocal_product_not_a_division(quant_type):
+    """bitsandbytes scales by x * (1/absmax) (See reference's Note: reciprocal scaling); on these
+    values a division gives another code, so this test tells the two apart exactly."""
+    cases = _reciprocal_vs_division_cases(quant_type)
+    assert len(cases) >= 6  # measured: 15 of 15 nf4 thresholds, 7 of 7 fp4 ones
+    bs = 32
+    x = torch.zeros(len(cases) * bs)
+    for i, (v, a) in enumerate(cases):
+        x[i * bs], x[i * bs + 1] = a, v  # the block's absmax is a, exactly
+    packed, absmax = reference.quantize(x, bs, quant_type)
+    got = reference.unpack(packed, x.numel()).view(-1, bs)[:, 1]
+    v = torch.tensor([c[0] for c in cases])
+    a = torch.tensor([c[1] for c in cases])
+    assert torch.equal(absmax, a)
+    product = reference.encode(v * torch.reciprocal(a), quant_type).long()
+    division = reference.encode(v / a, quant_type).long()
+    assert torch.equal(got, product)
+    assert not bool((got == division).any())
+
+
+def test_double_quant_midpoint_ties_take_the_lower_code():
+    """A centred absmax exactly on a dynamic-map midpoint takes the lower code (x > t: upper),
+    as bitsandbytes' search does: offset 0 and nested absmax 1 make scaled == the midpoint."""
+    thresholds = codebook.dynamic_map_thresholds()
+    for i, t in enumerate(thresholds.tolist()):
+        absmax = torch.tensor([1.0, -1.0, t, -t])
+        codes, nested, offset = reference.quantize_absmax(absmax)
+        assert float(offset) == 0.0 and float(nested[0]) == 1.0
+        assert int(codes[2]) == i, (i, t)
+        assert int(codes[3]) == int(torch.bucketize(torch.tensor(-t), thresholds))
+
+
+@SETTINGS
+@given(x=tensors(), blocksize=blocksizes, quant_type=quant_types)
+def test_signed_zeros_decode_to_exact_zeros(x, blocksize, quant_type):
+    """0.0 and -0.0 (alone or in a block of zeros) decode to exactly 0, in every output dtype."""
+    packed, absmax = reference.quantize(x, blocksize, quant_type)
+    zero = x.reshape(-1) == 0
+    for dtype in DTYPES:
+        out = reference.dequantize(packed, absmax, blocksize, quant_type, x.numel(), dtype)
+        assert bool((out[zero] == 0).all())
+
+
+@SETTINGS
+@given(x=tensors(), blocksize=blocksizes, quant_type=quant_types, data=st.data())
+def test_a_non_finite_value_poisons_only_its_block(x, blocksize, quant_type, data):
+    """What the reference does with NaN/Inf today (the policy to refuse them sits above it): the
+    block holding one gets a non-finite absmax and decodes to non-finite values; every other
+    block's codes, absmax and decoded values are unchanged."""
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    i = data.draw(st.integers(0, n - 1))
+    bad = flat.clone()
+    bad[i] = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+    b = i // blocksize
+    packed, absmax = reference.quantize(flat, blocksize, quant_type)
+    packed2, absmax2 = reference.quantize(bad, blocksize, quant_type)
+    assert not bool(torch.isfinite(absmax2[b]))
+    others = torch.arange(absmax.numel()) != b
+    assert torch.equal(absmax[others], absmax2[others])
+    keep = torch.arange(n) // blocksize != b
+    assert torch.equal(reference.unpack(packed, n)[keep], reference.unpack(packed2, n)[keep])
+    out = reference.dequantize(packed2, absmax2, blocksize, quant_type, n, torch.float32)
+    assert not bool(torch.isfinite(out[~keep]).any())

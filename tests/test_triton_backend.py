@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nf4
-from nf4 import codebook, reference_backend
+from nf4 import codebook, reference, reference_backend
 from nf4.testing import LLAMA_SHAPES
 from tests.conftest import DEVICE
 
@@ -88,3 +88,40 @@ def test_functional_api_uses_triton():
     packed_ref, state_ref = nf4.quantize_4bit(W, blocksize=128, compress_statistics=True,
                                               quant_type="nf4")
     assert torch.equal(packed, packed_ref) and torch.equal(state.absmax, state_ref.absmax)
+
+
+def test_quantize_entry_makes_expanded_input_dense():
+    """The backend entry itself (not only ops.py) makes A dense: a 1-D expansion keeps stride 0
+    through reshape, and read as contiguous it would run past its one element."""
+    x = torch.tensor([1.5], device=DEVICE).expand(300)
+    ref = reference_backend.quantize(x.contiguous(), 64, "nf4", True)
+    for a, b in zip(ref, kernels.quantize(x, 64, "nf4", True)):
+        assert torch.equal(a, b)
+
+
+def test_fp4_exact_zero_inside_a_non_zero_block_has_no_sign_bit():
+    """0.0 and -0.0 among non-zero values scale to (-)0.0, which is not below 0: code 0 (bnb's),
+    never the sign bit's code 8."""
+    x = torch.zeros(64)
+    x[0], x[1], x[2], x[3], x[5] = 1.0, -0.5, 0.0, -0.0, 0.25
+    x[6:] = torch.linspace(-1, 1, 58)
+    x[40] = -0.0
+    x = x.to(DEVICE)
+    ref = reference_backend.quantize(x.cpu(), 32, "fp4", False)
+    got = kernels.quantize(x, 32, "fp4", False)
+    codes = reference.unpack(got[0].cpu(), 64)
+    assert torch.equal(got[0].cpu(), ref[0])
+    assert codes[2] == 0 and codes[3] == 0 and codes[4] == 0 and codes[40] == 0
+
+
+def test_bf16_output_rounds_ties_to_even():
+    """level 1.0 (nf4 code 15) times absmax 1 + 2^-8 is halfway between two bf16 values: ties go
+    to the even one (1.0); 1 + 3 * 2^-8 rounds up to the even 1.015625; just above a tie rounds up."""
+    absmax = torch.tensor([1.00390625, 1.01171875, 1.00390625 + 2.0**-20, 1.0], device=DEVICE)
+    packed = torch.full((2 * 32,), 0xFF, dtype=torch.uint8, device=DEVICE)  # 4 blocks of 32 codes 15
+    args = (packed, absmax, None, None, None, 32, 256, "nf4", [128], torch.bfloat16)
+    got = kernels.dequantize(*args).cpu().view(4, 32)
+    expected = torch.tensor([1.0, 1.015625, 1.0078125, 1.0], dtype=torch.bfloat16)
+    assert torch.equal(got, expected[:, None].expand(4, 32))
+    assert torch.equal(got.reshape(-1), reference_backend.dequantize(
+        *[a.cpu() if isinstance(a, torch.Tensor) else a for a in args]))

@@ -18,7 +18,6 @@ Note: why the header is parsed here rather than through ``safe_open``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -27,6 +26,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from nf4 import safe_json
+from nf4.quant_state import _MAX_JSON_BYTES as MAX_QUANT_STATE_JSON_BYTES
+from nf4.quant_state import _unpack_json as unpack_quant_state_json
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,12 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # An index above this is not an index (Llama-3-405B's is ~150 KB).
 MAX_INDEX_BYTES = 64 * 1024 * 1024
+# A config.json above this is not a config: Llama's is ~1 KB, the largest seen (an image classifier's
+# id2label for 21,843 ImageNet-21k classes) ~1 MB.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+# torch computes a tensor's storage size in int64 from the non-zero dims too: [2**64, 0] cannot be
+# made at all and [2**62, 4, 0] overflows, though both hold zero bytes.
+MAX_STORAGE_SPAN = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -79,10 +88,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             raise ValueError(f"{path}: header claims {header_len} bytes but the file holds {file_size} "
                              f"(corrupt or truncated safetensors file)")
         raw = f.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: header is not valid UTF-8 JSON ({e}); corrupt safetensors file") from e
+    # Depth- and duplicate-checked: a repeated tensor name would silently keep the last entry.
+    header = safe_json.loads(raw, f"{path}: header (corrupt safetensors file)", MAX_HEADER_BYTES)
     if not isinstance(header, dict):
         raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
     metadata = header.pop("__metadata__", None) or {}
@@ -110,6 +117,9 @@ def _entry(path: Path, name: str, info: object, data_start: int, data_size: int)
     shape = info.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise ValueError(f"{where}: shape must be a list of non-negative ints, got {shape!r}")
+    if math.prod(d or 1 for d in shape) * dtype.itemsize > MAX_STORAGE_SPAN:
+        raise ValueError(f"{where}: shape {shape} overflows torch's 64-bit storage size "
+                         f"(even with a zero dimension)")
     offsets = info.get("data_offsets")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(type(o) is int and o >= 0 for o in offsets) or offsets[1] < offsets[0]):
@@ -174,12 +184,7 @@ class Checkpoint:
 
     def _read_index(self) -> dict[str, str]:
         index = self.folder / SAFE_INDEX_NAME
-        if index.stat().st_size > MAX_INDEX_BYTES:
-            raise ValueError(f"{index}: {index.stat().st_size} bytes, too large for an index")
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{index}: not valid JSON ({e})") from e
+        data = safe_json.read_file(index, MAX_INDEX_BYTES)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: needs a non-empty 'weight_map' object")
@@ -209,13 +214,28 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         refuse_pickle_only(Path(folder))
         raise FileNotFoundError(f"{folder}: no config.json (not a transformers model folder)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    config = safe_json.read_file(path, MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise ValueError(f"{path}: must hold a JSON object, got {type(config).__name__}")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ValueError(f"{path}: architectures must be a list of class names, got {archs!r}")
+    if not isinstance(config.get("model_type", ""), str):
+        raise ValueError(f"{path}: model_type must be a string, got {config['model_type']!r}")
     return config
+
+
+def read_quant_state_json(entry: TensorEntry) -> dict:
+    """A bnb ``quant_state.bitsandbytes__*`` blob, parsed: its size is checked from the header
+    before a byte is read (a blob claiming 32 GiB is refused, not read and then refused)."""
+    if entry.nbytes > MAX_QUANT_STATE_JSON_BYTES:
+        raise ValueError(f"{_where(entry)}: {entry.nbytes} bytes, more than a quantization state "
+                         f"({MAX_QUANT_STATE_JSON_BYTES})")
+    return unpack_quant_state_json(read_tensor(entry), entry.name)
+
+
+def _where(entry: TensorEntry) -> str:
+    return f"{entry.shard}: tensor {entry.name!r}"
 
 
 def refuse_pickle_only(folder: Path) -> None:

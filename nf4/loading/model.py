@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import importlib.util
 import logging
+import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +25,12 @@ from tqdm.auto import tqdm
 
 from nf4 import codebook
 from nf4.loading.architectures import architecture, matches
-from nf4.loading.checkpoint import Checkpoint, TensorEntry, concrete_device, read_tensor
+from nf4.loading.checkpoint import Checkpoint, TensorEntry, concrete_device, read_quant_state_json
+from nf4.loading.config_check import check_config_sizes
 from nf4.loading.io import stream_tensors
 from nf4.loading.resolve import resolve
 from nf4.nn import Linear4bit, QuantLinear4bit
 from nf4.quant_state import QuantState, check_blocksize, check_float_dtype, dtype_from_name
-from nf4.quant_state import _unpack_json as unpack_quant_state_json
 
 log = logging.getLogger(__name__)
 
@@ -125,34 +127,57 @@ def _transformers():
 
 
 # ------------------------------------------------------------------------------- building
+# Note: parameters on meta, for the building thread only.
+#     Layers allocate their weight with ``torch.empty`` (untouched pages, freed at once) and then
+#     register it; registering moves it to meta, so their initializers run on meta at no cost,
+#     while buffers (rotary frequencies, position ids) get their real computed values. The meta
+#     device context (``with torch.device("meta")``) would be thread-local too, but puts buffers
+#     on meta as well. So ``nn.Module.register_parameter`` is wrapped while at least one load is
+#     building, and the wrapper moves parameters only for threads inside ``_parameters_on_meta``:
+#     a module built by another thread meanwhile is untouched, overlapping loads count themselves
+#     in and out under a lock, and the last one out restores the original on every exit path.
+_meta_building = threading.local()
+_meta_lock = threading.Lock()
+_meta_users = 0
+_original_register_parameter = nn.Module.register_parameter
+
+
+def _register_parameter(module, name, param):
+    if (getattr(_meta_building, "depth", 0) and param is not None
+            and param.device.type != "meta"):
+        param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+    _original_register_parameter(module, name, param)
+
+
 @contextlib.contextmanager
 def _parameters_on_meta():
-    """Create every nn.Parameter on the meta device while modules are built, buffers for real.
-
-    Layers allocate their weight with ``torch.empty`` (untouched pages, freed at once) and then
-    register it; registering moves it to meta, so their initializers run on meta at no cost,
-    while buffers (rotary frequencies, position ids) get their real computed values.
-    """
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
+    """Create every nn.Parameter on the meta device while this thread builds modules, buffers
+    for real (See Note: parameters on meta, for the building thread only)."""
+    global _meta_users
+    with _meta_lock:
+        if _meta_users == 0:
+            nn.Module.register_parameter = _register_parameter
+        _meta_users += 1
+    _meta_building.depth = getattr(_meta_building, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        _meta_building.depth -= 1
+        with _meta_lock:
+            _meta_users -= 1
+            # Restore only our own wrapper: a patch someone installed on top of it stays theirs.
+            if _meta_users == 0 and nn.Module.register_parameter is _register_parameter:
+                nn.Module.register_parameter = _original_register_parameter
 
 
 def _build_meta_model(folder: Path):
     transformers = _transformers()
-    config = transformers.AutoConfig.from_pretrained(folder)
+    # Never run code shipped in the folder (a config.json ``auto_map`` naming its .py files):
+    # transformers would otherwise prompt on stdin, and a "y" there executes the repository.
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
     model_cls = None
-    for name in getattr(config, "architectures", None) or ():
-        candidate = getattr(transformers, name, None) if isinstance(name, str) else None
+    for name in getattr(config, "architectures", None) or ():  # checked by read_config
+        candidate = getattr(transformers, name, None)
         if isinstance(candidate, type) and issubclass(candidate, transformers.PreTrainedModel):
             model_cls = candidate
             break
@@ -161,9 +186,9 @@ def _build_meta_model(folder: Path):
             model = model_cls(config)
         else:
             try:
-                model = transformers.AutoModelForCausalLM.from_config(config)
+                model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=False)
             except ValueError:
-                model = transformers.AutoModel.from_config(config)
+                model = transformers.AutoModel.from_config(config, trust_remote_code=False)
     model.eval()
     return model
 
@@ -261,6 +286,7 @@ def _make_plan(model: nn.Module, ckpt: Checkpoint, quantized: dict[str, QuantLin
                 piece_names[f"{m}.weight.{suffix}"] = (m, suffix)
 
     loaded: set[str] = set()
+    unused: list[str] = []
     for ckpt_name, entry in ckpt.entries.items():
         name = to_model(ckpt_name)
         if name in quant_weights:
@@ -292,9 +318,10 @@ def _make_plan(model: nn.Module, ckpt: Checkpoint, quantized: dict[str, QuantLin
             plan.buffers[ckpt_name] = name
             loaded.add(name)
         else:
-            log.debug("%s: tensor %r is not part of the model; ignored", entry.shard.name, ckpt_name)
+            unused.append(ckpt_name)
             continue
         plan.entries.append(entry)
+    _refuse_unused(model, ckpt, unused, to_model)
 
     missing = [a for a in aliases if a not in loaded and not any(n in quant_weights for n in aliases[a])]
     missing += [b for b in persistent if b not in loaded]
@@ -319,6 +346,49 @@ def _make_plan(model: nn.Module, ckpt: Checkpoint, quantized: dict[str, QuantLin
             group_key[e.name] = (str(w.shard), w.offset, e.offset)
     plan.entries.sort(key=lambda e: group_key.get(e.name, (str(e.shard), e.offset, e.offset)))
     return plan
+
+
+def _layer_pattern(name: str) -> str:
+    """``model.layers.7.mlp.up_proj.weight`` -> ``model.layers.#.mlp.up_proj.weight``."""
+    return re.sub(r"\.\d+\.", ".#.", name)
+
+
+def _refuse_unused(model: nn.Module, ckpt: Checkpoint, unused: list[str], to_model) -> None:
+    """Raise if the checkpoint holds tensors that show the config describes another model; warn,
+    naming them, about other tensors the model has no place for.
+
+    A config.json with fewer layers than the weights, or naming another architecture, builds a
+    model that would silently drop weights: a different model than the checkpoint's. Refused:
+    a dropped tensor that is a numbered layer's tensor of this very model (fewer layers), or
+    dropped tensors outweighing the loaded ones (another architecture). Extra heads are common
+    and harmless (bert-base-uncased carries the pretraining heads cls.* that BertForMaskedLM
+    drops), so, as transformers does, those are named in a WARNING. Not even that for the extras
+    transformers ignores silently: the model's ``_keys_to_ignore_on_load_unexpected`` patterns,
+    and ``position_ids`` / ``rotary_emb.inv_freq``, persistent buffers in older versions."""
+    buffers = [name for name, _ in model.named_buffers()]
+    patterns = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
+    if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
+        patterns.append(re.compile(r"rotary_emb\.inv_freq$"))
+    if any(b.endswith("position_ids") for b in buffers):
+        patterns.append(re.compile(r"(^|\.)position_ids$"))
+    dropped = [n for n in unused if not any(p.search(n) or p.search(to_model(n)) for p in patterns)]
+    if not dropped:
+        return
+    layers = {_layer_pattern(n) for n, _ in model.named_parameters(remove_duplicate=False)}
+    truncated = [n for n in dropped if _layer_pattern(to_model(n)) != to_model(n)
+                 and _layer_pattern(to_model(n)) in layers]
+    if truncated:
+        raise ValueError(f"{ckpt.folder}: config.json describes fewer layers than the checkpoint holds: "
+                         f"{len(truncated)} tensor(s) of layers the {type(model).__name__} lacks would "
+                         f"be dropped, e.g. {sorted(truncated)[:5]}")
+    dropped_bytes = sum(ckpt[n].nbytes for n in dropped)
+    if 2 * dropped_bytes > ckpt.total_bytes:
+        raise ValueError(f"{ckpt.folder}: {len(dropped)} tensor(s) ({dropped_bytes} of {ckpt.total_bytes} "
+                         f"bytes) have no place in the {type(model).__name__} that config.json describes "
+                         f"(another architecture?), e.g. {sorted(dropped)[:5]}")
+    log.warning("%s: %d tensor(s) of the checkpoint have no place in the %s and are not loaded: %s",
+                ckpt.folder, len(dropped), type(model).__name__,
+                ", ".join(sorted(dropped)[:10]) + (", ..." if len(dropped) > 10 else ""))
 
 
 def _check_float(entry: TensorEntry, shape: tuple[int, ...]) -> None:
@@ -363,9 +433,8 @@ def _prequantized_modules(model: nn.Module, ckpt: Checkpoint) -> dict[str, dict]
 
 def _module_options(entry: TensorEntry, linear: nn.Linear) -> tuple[str, int, bool]:
     """(quant_type, blocksize, double quant) from a bnb weight's JSON, checked against the layer."""
-    blob = read_tensor(entry)
     try:
-        meta = unpack_quant_state_json(blob, entry.name)
+        meta = read_quant_state_json(entry)
         quant_type = meta.get("quant_type")
         codebook.check_quant_type(quant_type)
         blocksize = check_blocksize(meta.get("blocksize"))
@@ -384,6 +453,7 @@ def load_folder(folder: Path, *, device, opts: QuantOptions, observer: Optional[
     device = default_device(device)
     start = time.perf_counter()
     ckpt = Checkpoint(folder)
+    check_config_sizes(ckpt.config, ckpt.entries, f"{ckpt.folder / 'config.json'}")
     bnb = _bnb_config(ckpt.config)
     if opts.compute_dtype is None:
         opts = dataclasses.replace(opts, compute_dtype=_checkpoint_compute_dtype(bnb))

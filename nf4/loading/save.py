@@ -180,11 +180,28 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *,
 
 
 def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing one is renamed away first, then removed."""
+    """Move the finished folder into place; an existing one is renamed away first, then removed.
+    If a step fails, the existing folder is back at ``out`` when this raises (the caller removes
+    ``tmp``): the destination is never left missing with the old model in a hidden folder."""
     if not out.exists():
         os.replace(tmp, out)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
+    try:
+        os.replace(out, old / out.name)
+    except BaseException:
+        old.rmdir()
+        raise
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        # Put the old folder back. Should that fail too, it is left in ``old`` (never deleted):
+        # the error then names where it is.
+        try:
+            os.replace(old / out.name, out)
+        except OSError as e:
+            raise OSError(f"saving to {out} failed and the previous folder could not be put back; "
+                          f"it is at {old / out.name}") from e
+        old.rmdir()
+        raise
     shutil.rmtree(old, ignore_errors=True)

@@ -10,8 +10,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nf4.loading.checkpoint import Checkpoint, read_tensor
-from nf4.quant_state import _unpack_json as unpack_quant_state_json
+from nf4 import codebook
+from nf4.loading.checkpoint import Checkpoint, read_quant_state_json
+from nf4.quant_state import check_blocksize
 
 QUANT_STATE_MARK = ".weight.quant_state.bitsandbytes__"
 
@@ -79,10 +80,13 @@ def summarize(folder: str | Path) -> Summary:
         if not mark:
             continue
         try:
-            meta = unpack_quant_state_json(read_tensor(entry), name)
+            meta = read_quant_state_json(entry)
             shape = meta["shape"]
-            numel = math.prod(int(d) for d in shape)
-            fmt = (str(meta["quant_type"]), int(meta["blocksize"]), "nested_offset" in meta)
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise ValueError(f"shape must be a list of non-negative ints, got {shape!r}")
+            numel = math.prod(shape)
+            codebook.check_quant_type(meta["quant_type"])
+            fmt = (meta["quant_type"], check_blocksize(meta["blocksize"]), "nested_offset" in meta)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{entry.shard}: tensor {name!r} is not a valid quantization state: {e}") from e
         weight = f"{module}.weight"
