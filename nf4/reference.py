@@ -9,7 +9,7 @@ Note: reciprocal scaling.
     reciprocal is what bitsandbytes computes, and the two differ in the last bit often enough to
     move values that sit on a decision threshold. bitsandbytes' CUDA build goes further and uses an
     approximate reciprocal with denormals flushed; the CPU reference keeps the IEEE one, so a few
-    threshold ties differ from bnb's GPU bytes by one code (see ../shared/fixtures/README.md).
+    threshold ties differ from bnb's GPU bytes by one code (see tests/fixtures/README.md).
 """
 from __future__ import annotations
 
