@@ -1,13 +1,23 @@
-"""Helpers every benchmark shares: timing, environment stamp, and RESULTS.md sections.
+"""Helpers every benchmark shares: the GPU check, timing, environment stamp, RESULTS.md sections.
 
 Each benchmark owns one section of ``bench/RESULTS.md`` between ``<!-- NAME:start -->`` and
 ``<!-- NAME:end -->`` and rewrites only that section, so benchmarks run separately never clobber
 each other. When ``$OUT`` is set (the GPU machine), the section is also written to
 ``$OUT/results_NAME.md``; ``python -m bench.common apply FILE...`` merges such files here.
+
+Note: where benchmarks run, and what they write.
+    The published sections are GPU measurements. A benchmark that needs a GPU calls
+    ``require_gpu`` first: without one it prints one line to stderr and exits with status 1
+    (nothing measured, nothing written), never a traceback. A run that is not the published
+    measurement (a CPU run, ``--shape tiny``, ``--tiny``) prints its table but leaves RESULTS.md
+    alone unless ``--write-results`` is given. The exception is ``bench_cpu``, whose section is a
+    CPU measurement by design.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
+import logging
 import os
 import re
 import subprocess
@@ -17,8 +27,43 @@ from typing import Callable, Sequence
 
 import torch
 
+log = logging.getLogger("bench")
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 _HEADER = "# Benchmark results\n\nWritten by the scripts in `bench/`; each section says where and when it was measured.\n"
+
+
+def no_gpu_reason() -> str:
+    """Why torch sees no CUDA GPU here, or "" when it does."""
+    if torch.cuda.is_available():
+        return ""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    return "torch.cuda.is_available() is False (no GPU or no driver)"
+
+
+def require_gpu(script: str, extension: bool = False) -> None:
+    """Exit with status 1 and one line on stderr unless a CUDA GPU (and, with ``extension``, the
+    compiled nf4._C) is here. See Note: where benchmarks run, and what they write."""
+    why = no_gpu_reason()
+    if not why and extension and not cuda_extension_loaded():
+        why = "nf4._C is not built (see `nf4 env`)"
+    if why:
+        sys.exit(f"{script}: needs a CUDA GPU{' and nf4._C' if extension else ''}: {why}; "
+                 f"nothing measured, bench/RESULTS.md unchanged")
+
+
+def cuda_extension_loaded() -> bool:
+    try:
+        import nf4.cuda_backend  # noqa: F401  (optional: the compiled extension)
+    except ImportError:
+        return False
+    return True
+
+
+def add_write_results_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--write-results", action="store_true",
+                        help="write bench/RESULTS.md even though this is not a published (GPU, full-size) run")
 
 
 def bench_ms(fn: Callable[[], object], quantiles=(0.5, 0.2, 0.8), warmup: int = 25, rep: int = 100):
@@ -81,8 +126,13 @@ def _replace_section(text: str, name: str, body: str) -> str:
     return text.rstrip() + "\n\n" + block + "\n"
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (and copy it to $OUT when set)."""
+def write_section(name: str, body: str, publish: bool = True) -> None:
+    """Replace this benchmark's section of RESULTS.md (and copy it to $OUT when set); with
+    ``publish`` False (not the published measurement), only print it."""
+    if not publish:
+        print(body)
+        log.warning("not the published measurement: bench/RESULTS.md unchanged (--write-results writes it)")
+        return
     text = RESULTS.read_text() if RESULTS.exists() else _HEADER
     RESULTS.write_text(_replace_section(text, name, body))
     out = os.environ.get("OUT")
