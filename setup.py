@@ -77,6 +77,7 @@ def ext_modules():
 setup(
     packages=find_packages(include=["nf4", "nf4.*"]) + ["nf4.kernels"],
     package_dir={"nf4.kernels": "kernels"},
+    package_data={"nf4": ["py.typed"]},  # PEP 561: the package's annotations are for type checkers
     ext_modules=ext_modules(),
     cmdclass={"build_ext": CMakeBuild},
 )
