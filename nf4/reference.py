@@ -104,11 +104,12 @@ def dequantize_absmax(codes: torch.Tensor, nested_absmax: torch.Tensor, nested_c
 #     Each packed byte b holds two codes (b >> 4 for element 2j, b & 15 for 2j+1), so a 256-entry
 #     table of their two float32 levels, stored as one int64 per byte (the pair's bits, moved
 #     without float arithmetic), decodes a byte with one gather: no shifts, no int64 code tensor,
-#     no per-element scale tensor. The per-block scaling and the cast to the output dtype are one
-#     multiply whose float32 product is rounded once into the output, as the per-element formula
+#     no per-element scale tensor. The decoded levels are scaled per block in place in float32
+#     and then rounded once to the output dtype, as the per-element formula
 #     ``(level[code] * absmax[block]).to(dtype)`` does, so the result is bit-identical to it
-#     (tests/test_reference.py). 4096x4096 to bf16 on 2 cores: 1.8 s -> ~0.1 s
-#     (bench/RESULTS.md, cpu section).
+#     (tests/test_reference.py). torch.mul into a bf16 ``out`` is no cheaper: it multiplies into
+#     a float32 temporary and casts (the in-place scale measured 1.35x faster). 4096x4096 to bf16
+#     on 2 shared cores: 1.8 s -> 0.6 s (bench/RESULTS.md, cpu section).
 _PAIR_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
@@ -132,18 +133,16 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant
     elements of ``dtype``) when given."""
     # int32 indices: half the bytes of int64 ones, and index_select takes either.
     pairs = pair_levels(quant_type, packed.device).index_select(0, packed.reshape(-1).to(torch.int32))
-    values = pairs.view(torch.float32)[:numel]
-    if out is None:
-        # float32 output: scale the decoded levels in place rather than allocating a second copy.
-        out = values if dtype == torch.float32 else torch.empty(numel, dtype=dtype, device=packed.device)
-    out = out.view(-1)
+    values = pairs.view(torch.float32)  # a fresh buffer: scaled in place (no second float32 copy)
     scale = absmax.float()
     full = numel - numel % blocksize
-    torch.mul(values[:full].view(-1, blocksize), scale[: full // blocksize, None],
-              out=out[:full].view(-1, blocksize))
+    values[:full].view(-1, blocksize).mul_(scale[: full // blocksize, None])
     if full < numel:  # the last, partial block
-        torch.mul(values[full:], scale[full // blocksize], out=out[full:])
-    return out
+        values[full:numel].mul_(scale[full // blocksize])
+    values = values[:numel]
+    if out is None:
+        return values if dtype == torch.float32 else values.to(dtype)
+    return out.view(-1).copy_(values)
 
 
 def matmul(A: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
