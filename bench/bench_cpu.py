@@ -153,8 +153,8 @@ def main() -> None:
     body = "\n".join([
         "## CPU path: nf4's reference backend vs bitsandbytes' CPU implementation (`bench/bench_cpu.py`)",
         "",
-        f"{stamp()}, CPU: {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
-        + (f", bitsandbytes {version} (separate venv)" if version else ""),
+        f"{stamp(bnb=False)}, CPU: {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
+        + (f", bitsandbytes {version}" if version else ", bitsandbytes: not run"),
         "",
         f"{OUT_FEATURES}x{IN_FEATURES} weight, NF4 + double quant, block size {BLOCKSIZE}, bf16 activations. "
         "Median (min) ms of 'repeats' calls after 2 warm-ups. matmul: `matmul_4bit(x, W.t(), state)`; "

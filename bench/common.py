@@ -89,8 +89,9 @@ def commit() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
-def stamp() -> str:
-    """One line: GPU, date, commit, software versions."""
+def stamp(bnb: bool = True) -> str:
+    """One line: GPU, date, commit, software versions (bitsandbytes' as this interpreter sees it
+    unless ``bnb`` is False: bench_cpu reports the version of its separate venv itself)."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     parts = [f"GPU: {gpu}", f"date: {datetime.date.today().isoformat()}", f"commit: {commit()}",
              f"torch {torch.__version__}"]
@@ -99,6 +100,8 @@ def stamp() -> str:
         parts.append(f"triton {triton.__version__}")
     except ImportError:
         pass
+    if not bnb:
+        return ", ".join(parts)
     try:
         import bitsandbytes
         parts.append(f"bitsandbytes {bitsandbytes.__version__}")
