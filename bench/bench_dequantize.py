@@ -13,13 +13,13 @@ import torch
 
 import nf4
 from bench.bench_quantize import BLOCKSIZE, bnb_f, cuda_backend, kernel_available, quantize_bytes, timed
-from bench.common import require_gpu, stamp, table, write_section
+from bench.common import require_extension, stamp, table, write_section
 from nf4 import codebook
 from nf4.testing import BENCH_SHAPES
 
 
 def main() -> None:
-    require_gpu("bench.bench_dequantize", extension=True)
+    require_extension("bench_dequantize")
     rows = []
     has_triton = kernel_available("triton", "dequantize")
     for shape in BENCH_SHAPES:

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import nf4.loading
-from bench.common import add_write_results_flag, require_gpu, stamp, table, write_section
+from bench.common import add_write_results_flag, require_cuda, stamp, table, write_section
 from nf4.loading import checkpoint
 
 SHAPES = {
@@ -202,7 +202,7 @@ def main() -> None:
         child(*args.child)
         return
     if args.shape != "tiny":
-        require_gpu("bench.bench_load")  # the 8B load on the CPU would hold 16 GB in host memory
+        require_cuda("bench_load")  # the 8B load on the CPU would hold 16 GB in host memory
     ckpt = args.dir / "ckpt"
     t0 = time.perf_counter()
     if not (ckpt / "model.safetensors.index.json").exists():

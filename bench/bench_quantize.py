@@ -14,7 +14,7 @@ import importlib
 import torch
 
 import nf4
-from bench.common import bench_ms, require_gpu, stamp, table, write_section
+from bench.common import bench_ms, require_extension, stamp, table, write_section
 from nf4 import backends, codebook
 from nf4.quant_state import num_blocks
 from nf4.testing import BENCH_SHAPES
@@ -23,7 +23,7 @@ BLOCKSIZE = 64
 
 try:
     from nf4 import cuda_backend
-except ImportError:  # nf4._C not built: main() says so in one line (bench.common.require_gpu)
+except ImportError:  # nf4._C not built: main() says so in one line (bench.common.require_extension)
     cuda_backend = None
 
 try:
@@ -67,7 +67,7 @@ def timed(fn, backend: str | None = None) -> float:
 
 
 def main() -> None:
-    require_gpu("bench.bench_quantize", extension=True)
+    require_extension("bench_quantize")
     rows = []
     has_triton = kernel_available("triton", "quantize")
     for shape in BENCH_SHAPES:

@@ -7,8 +7,8 @@ each other. When ``$OUT`` is set (the GPU machine), the section is also written 
 
 Note: where benchmarks run, and what they write.
     The published sections are GPU measurements. A benchmark that needs a GPU calls
-    ``require_gpu`` first: without one it prints one line to stderr and exits with status 1
-    (nothing measured, nothing written), never a traceback. A run that is not the published
+    ``require_cuda`` (or ``require_extension``) first: without one it prints one line to stderr and
+    exits with status ``NO_GPU_EXIT`` (nothing measured, nothing written), never a traceback. A run that is not the published
     measurement (a CPU run, ``--shape tiny``, ``--tiny``) prints its table but leaves RESULTS.md
     alone unless ``--write-results`` is given. The exception is ``bench_cpu``, whose section is a
     CPU measurement by design.
@@ -30,27 +30,26 @@ import torch
 log = logging.getLogger("bench")
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# Exit status of a GPU benchmark started where no CUDA GPU is visible: 2, as argparse uses for a
+# command that cannot run as asked; nothing was measured, so nothing is written.
+NO_GPU_EXIT = 2
 _HEADER = "# Benchmark results\n\nWritten by the scripts in `bench/`; each section says where and when it was measured.\n"
 
 
-def no_gpu_reason() -> str:
-    """Why torch sees no CUDA GPU here, or "" when it does."""
-    if torch.cuda.is_available():
-        return ""
-    if torch.version.cuda is None:
-        return f"torch {torch.__version__} is a CPU-only build"
-    return "torch.cuda.is_available() is False (no GPU or no driver)"
+def require_cuda(prog: str) -> None:
+    """Leave with one line on stderr and status ``NO_GPU_EXIT`` when no CUDA GPU is visible (a
+    traceback from the first ``device="cuda"`` would bury the reason)."""
+    if not torch.cuda.is_available():
+        sys.stderr.write(f"{prog}: needs a CUDA GPU and torch sees none; nothing measured\n")
+        raise SystemExit(NO_GPU_EXIT)
 
 
-def require_gpu(script: str, extension: bool = False) -> None:
-    """Exit with status 1 and one line on stderr unless a CUDA GPU (and, with ``extension``, the
-    compiled nf4._C) is here. See Note: where benchmarks run, and what they write."""
-    why = no_gpu_reason()
-    if not why and extension and not cuda_extension_loaded():
-        why = "nf4._C is not built (see `nf4 env`)"
-    if why:
-        sys.exit(f"{script}: needs a CUDA GPU{' and nf4._C' if extension else ''}: {why}; "
-                 f"nothing measured, bench/RESULTS.md unchanged")
+def require_extension(prog: str) -> None:
+    """``require_cuda``, then the same for the compiled nf4._C (the kernels some benchmarks time)."""
+    require_cuda(prog)
+    if not cuda_extension_loaded():
+        sys.stderr.write(f"{prog}: needs nf4._C, which is not built here (see `nf4 env`); nothing measured\n")
+        raise SystemExit(NO_GPU_EXIT)
 
 
 def cuda_extension_loaded() -> bool:

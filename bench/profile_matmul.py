@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import nf4
-from bench.common import require_gpu
+from bench.common import require_extension
 
 try:
     from nf4 import cuda_backend as cb
@@ -23,7 +23,7 @@ except ImportError:  # nf4._C not built: main() says so in one line
 
 
 def main() -> None:
-    require_gpu("bench.profile_matmul", extension=True)
+    require_extension("profile_matmul")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", choices=sorted(cb.FUSED_MATMULS), required=True)
     parser.add_argument("--config", type=lambda v: tuple(int(c) for c in v.split(",")), default=None)
