@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import nf4
-from bench.common import bench_ms, require_cuda, stamp, table, write_section
+from bench.common import bench_ms, stamp, table, write_section
 from nf4.testing import BENCH_SHAPES, BENCH_TOKENS
 
 log = logging.getLogger("bench_matmul")
@@ -251,7 +251,6 @@ def main() -> None:
     parser.add_argument("--tokens", type=lambda v: [int(t) for t in v.split(",")], default=None,
                         help="sweep only these token counts (comma-separated)")
     args = parser.parse_args()
-    require_cuda("bench_matmul")
     logging.basicConfig(level=logging.INFO)
     with torch.no_grad():
         if args.sweep and args.cuda:

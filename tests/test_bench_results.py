@@ -45,8 +45,3 @@ def test_unpublished_run_leaves_results_alone(tmp_path, monkeypatch, capsys):
     common.write_section("load", "new figures")
     assert "<!-- load:start -->\nnew figures\n<!-- load:end -->" in results.read_text()
 
-
-def test_load_benchmark_needs_a_scratch_folder():
-    result = subprocess.run([sys.executable, "-m", "bench.bench_load"], capture_output=True, text=True,
-                            timeout=240, cwd=ROOT)
-    assert result.returncode == 2 and "--dir" in result.stderr
