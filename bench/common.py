@@ -8,16 +8,14 @@ each other. When ``$OUT`` is set (the GPU machine), the section is also written 
 Note: where benchmarks run, and what they write.
     The published sections are GPU measurements. A benchmark that needs a GPU calls
     ``require_cuda`` (or ``require_extension``) first: without one it prints one line to stderr and
-    exits with status ``NO_GPU_EXIT`` (nothing measured, nothing written), never a traceback. A run that is not the published
-    measurement (a CPU run, ``--shape tiny``, ``--tiny``) prints its table but leaves RESULTS.md
-    alone unless ``--write-results`` is given. The exception is ``bench_cpu``, whose section is a
-    CPU measurement by design.
+    exits with status ``NO_GPU_EXIT`` (nothing measured, nothing written), never a traceback. A
+    run that is not the published measurement (``bench_qlora --tiny``, a CPU ``bench_load --shape
+    tiny``) prints its table and leaves RESULTS.md alone. The exception is ``bench_cpu``, whose
+    section is a CPU measurement by design.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import logging
 import os
 import re
 import subprocess
@@ -26,8 +24,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-
-log = logging.getLogger("bench")
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # Exit status of a GPU benchmark started where no CUDA GPU is visible: 2, as argparse uses for a
@@ -58,11 +54,6 @@ def cuda_extension_loaded() -> bool:
     except ImportError:
         return False
     return True
-
-
-def add_write_results_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--write-results", action="store_true",
-                        help="write bench/RESULTS.md even though this is not a published (GPU, full-size) run")
 
 
 def bench_ms(fn: Callable[[], object], quantiles=(0.5, 0.2, 0.8), warmup: int = 25, rep: int = 100):
@@ -128,13 +119,8 @@ def _replace_section(text: str, name: str, body: str) -> str:
     return text.rstrip() + "\n\n" + block + "\n"
 
 
-def write_section(name: str, body: str, publish: bool = True) -> None:
-    """Replace this benchmark's section of RESULTS.md (and copy it to $OUT when set); with
-    ``publish`` False (not the published measurement), only print it."""
-    if not publish:
-        print(body)
-        log.warning("not the published measurement: bench/RESULTS.md unchanged (--write-results writes it)")
-        return
+def write_section(name: str, body: str) -> None:
+    """Replace this benchmark's section of RESULTS.md (and copy it to $OUT when set)."""
     text = RESULTS.read_text() if RESULTS.exists() else _HEADER
     RESULTS.write_text(_replace_section(text, name, body))
     out = os.environ.get("OUT")
