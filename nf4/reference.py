@@ -109,7 +109,7 @@ def dequantize_absmax(codes: torch.Tensor, nested_absmax: torch.Tensor, nested_c
 #     ``(level[code] * absmax[block]).to(dtype)`` does, so the result is bit-identical to it
 #     (tests/test_reference.py). torch.mul into a bf16 ``out`` is no cheaper: it multiplies into
 #     a float32 temporary and casts (the in-place scale measured 1.35x faster). 4096x4096 to bf16
-#     on 2 shared cores: 1.8 s -> 0.6 s (bench/RESULTS.md, cpu section).
+#     on 2 idle cores: 205 -> 68 ms (bench/RESULTS.md, cpu section).
 _PAIR_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
