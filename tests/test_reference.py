@@ -184,4 +184,3 @@ def test_fp4_signed_zero_and_sign_bit():
     packed, absmax = reference.quantize(x, 32, "fp4")
     codes = reference.unpack(packed, x.numel()).tolist()
     assert codes == [0, 0, 0b1011, 0b0011, 0b1111, 0b0111]
-
