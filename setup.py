@@ -4,8 +4,9 @@
 Environment:
     NF4_BUILD_CUDA=0      skip the CUDA extension (pure Python + Triton install).
     NF4_BUILD_CUDA=1      require it: fail if nvcc is missing.
-    NF4_CUDA_ARCHS        semicolon list of targets (default "80;90a"); "90a" alone halves the
-                          build time on the H100 machine.
+    NF4_CUDA_ARCHS        semicolon list of targets (default "80;86;89;90a", plus compute_80 PTX
+                          for newer GPUs: see CMakeLists.txt "Note: targets"); "90a" alone builds
+                          only the Hopper code, the quickest build on the H100 machine.
     NF4_BUILD_JOBS        parallel compile jobs (default: CPU count).
 """
 import os
@@ -18,6 +19,8 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+# SASS for A100, RTX 30xx/A10/A40, RTX 40xx/L4/L40, H100/H200 (+ compute_80 PTX, CMakeLists.txt).
+DEFAULT_CUDA_ARCHS = "80;86;89;90a"
 
 
 def find_nvcc():
@@ -51,7 +54,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DNF4_OUTPUT_DIR={out_dir}",
-            f"-DNF4_CUDA_ARCHS={os.environ.get('NF4_CUDA_ARCHS', '80;90a')}",
+            f"-DNF4_CUDA_ARCHS={os.environ.get('NF4_CUDA_ARCHS', DEFAULT_CUDA_ARCHS)}",
         ]
         jobs = os.environ.get("NF4_BUILD_JOBS", str(os.cpu_count() or 2))
         subprocess.run(cfg, cwd=build_dir, check=True)
@@ -74,6 +77,7 @@ def ext_modules():
 setup(
     packages=find_packages(include=["nf4", "nf4.*"]) + ["nf4.kernels"],
     package_dir={"nf4.kernels": "kernels"},
+    package_data={"nf4": ["py.typed"]},  # PEP 561: the package's annotations are for type checkers
     ext_modules=ext_modules(),
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 
 import nf4
-from bench.bench_quantize import BLOCKSIZE, bnb_f, kernel_available, quantize_bytes, timed
-from bench.common import stamp, table, write_section
-from nf4 import codebook, cuda_backend
+from bench.bench_quantize import BLOCKSIZE, bnb_f, cuda_backend, kernel_available, quantize_bytes, timed
+from bench.common import require_extension, stamp, table, write_section
+from nf4 import codebook
 from nf4.testing import BENCH_SHAPES
 
 
 def main() -> None:
+    require_extension("bench_dequantize")
     rows = []
     has_triton = kernel_available("triton", "dequantize")
     for shape in BENCH_SHAPES:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from bench.common import stamp, table, write_section
+from bench.common import require_cuda, stamp, table, write_section
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=480.0, help="seconds for all four runs")
     p.add_argument("--steps-8b", type=int, default=6, help="8B steps per run (2 of them warm-up)")
     args = p.parse_args()
+    require_cuda("bench_fsdp")
     deadline = time.perf_counter() + args.budget_s
     work = Path(os.environ.get("OUT") or tempfile.gettempdir()) / "nf4_bench_fsdp"
     work.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # NVLink multicast (NVLS) stays off on the lent machines: NCCL, torch symmetric memory, NVSHMEM.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 NF4_FIXTURES="${NF4_FIXTURES:-.fixtures}"
+export PYTHONUNBUFFERED=1
 start=$SECONDS
 NF4_CUDA_ARCHS=90a python3 -m pip install --no-build-isolation --no-deps -e . >/dev/null  # python3 -m: the bare pip there is the system Python's
 echo "build: $((SECONDS - start)) s"

@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from bench.common import bench_ms, stamp, table, write_section
+from bench.common import bench_ms, require_cuda, stamp, table, write_section
 from nf4.nn import QuantLinear4bit
 from nf4.testing import LLAMA_SHAPES
 
@@ -114,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", action="store_true", help="log a per-kernel breakdown")
     args = parser.parse_args()
+    require_cuda("bench_layer")
     rows = []
     for out_features, in_features in SHAPES:
         torch.manual_seed(0)

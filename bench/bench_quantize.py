@@ -14,12 +14,17 @@ import importlib
 import torch
 
 import nf4
-from bench.common import bench_ms, stamp, table, write_section
-from nf4 import backends, codebook, cuda_backend
+from bench.common import bench_ms, require_extension, stamp, table, write_section
+from nf4 import backends, codebook
 from nf4.quant_state import num_blocks
 from nf4.testing import BENCH_SHAPES
 
 BLOCKSIZE = 64
+
+try:
+    from nf4 import cuda_backend
+except ImportError:  # nf4._C not built: main() says so in one line (bench.common.require_extension)
+    cuda_backend = None
 
 try:
     import bitsandbytes.functional as bnb_f
@@ -62,6 +67,7 @@ def timed(fn, backend: str | None = None) -> float:
 
 
 def main() -> None:
+    require_extension("bench_quantize")
     rows = []
     has_triton = kernel_available("triton", "quantize")
     for shape in BENCH_SHAPES:

@@ -1,9 +1,17 @@
-"""Helpers every benchmark shares: timing, environment stamp, and RESULTS.md sections.
+"""Helpers every benchmark shares: the GPU check, timing, environment stamp, RESULTS.md sections.
 
 Each benchmark owns one section of ``bench/RESULTS.md`` between ``<!-- NAME:start -->`` and
 ``<!-- NAME:end -->`` and rewrites only that section, so benchmarks run separately never clobber
 each other. When ``$OUT`` is set (the GPU machine), the section is also written to
 ``$OUT/results_NAME.md``; ``python -m bench.common apply FILE...`` merges such files here.
+
+Note: where benchmarks run, and what they write.
+    The published sections are GPU measurements. A benchmark that needs a GPU calls
+    ``require_cuda`` (or ``require_extension``) first: without one it prints one line to stderr and
+    exits with status ``NO_GPU_EXIT`` (nothing measured, nothing written), never a traceback. A
+    run that is not the published measurement (``bench_qlora --tiny``, a CPU ``bench_load --shape
+    tiny``) prints its table and leaves RESULTS.md alone. The exception is ``bench_cpu``, whose
+    section is a CPU measurement by design.
 """
 from __future__ import annotations
 
@@ -22,6 +30,30 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # command that cannot run as asked; nothing was measured, so nothing is written.
 NO_GPU_EXIT = 2
 _HEADER = "# Benchmark results\n\nWritten by the scripts in `bench/`; each section says where and when it was measured.\n"
+
+
+def require_cuda(prog: str) -> None:
+    """Leave with one line on stderr and status ``NO_GPU_EXIT`` when no CUDA GPU is visible (a
+    traceback from the first ``device="cuda"`` would bury the reason)."""
+    if not torch.cuda.is_available():
+        sys.stderr.write(f"{prog}: needs a CUDA GPU and torch sees none; nothing measured\n")
+        raise SystemExit(NO_GPU_EXIT)
+
+
+def require_extension(prog: str) -> None:
+    """``require_cuda``, then the same for the compiled nf4._C (the kernels some benchmarks time)."""
+    require_cuda(prog)
+    if not cuda_extension_loaded():
+        sys.stderr.write(f"{prog}: needs nf4._C, which is not built here (see `nf4 env`); nothing measured\n")
+        raise SystemExit(NO_GPU_EXIT)
+
+
+def cuda_extension_loaded() -> bool:
+    try:
+        import nf4.cuda_backend  # noqa: F401  (optional: the compiled extension)
+    except ImportError:
+        return False
+    return True
 
 
 def bench_ms(fn: Callable[[], object], quantiles=(0.5, 0.2, 0.8), warmup: int = 25, rep: int = 100):
@@ -61,8 +93,9 @@ def commit() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
-def stamp() -> str:
-    """One line: GPU, date, commit, software versions."""
+def stamp(bnb: bool = True) -> str:
+    """One line: GPU, date, commit, software versions (bitsandbytes' as this interpreter sees it
+    unless ``bnb`` is False: bench_cpu reports the version of its separate venv itself)."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     parts = [f"GPU: {gpu}", f"date: {datetime.date.today().isoformat()}", f"commit: {commit()}",
              f"torch {torch.__version__}"]
@@ -71,6 +104,8 @@ def stamp() -> str:
         parts.append(f"triton {triton.__version__}")
     except ImportError:
         pass
+    if not bnb:
+        return ", ".join(parts)
     try:
         import bitsandbytes
         parts.append(f"bitsandbytes {bitsandbytes.__version__}")

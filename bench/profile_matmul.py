@@ -13,14 +13,19 @@ import argparse
 import torch
 
 import nf4
-from nf4 import cuda_backend as cb
+from bench.common import require_extension
 
-KERNELS = cb.FUSED_MATMULS
+try:
+    from nf4 import cuda_backend as cb
+except ImportError:  # nf4._C not built: main() says so in one line
+    cb = None
+
 
 
 def main() -> None:
+    require_extension("profile_matmul")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", choices=sorted(KERNELS), required=True)
+    parser.add_argument("--kernel", choices=sorted(cb.FUSED_MATMULS), required=True)
     parser.add_argument("--config", type=lambda v: tuple(int(c) for c in v.split(",")), default=None)
     parser.add_argument("--shape", default="28672x8192", help="out_features x in_features")
     parser.add_argument("--tokens", type=int, default=128)
@@ -30,7 +35,7 @@ def main() -> None:
     packed, state = nf4.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
     s2 = state.state2
     x = torch.randn(args.tokens, in_f, device="cuda", dtype=torch.bfloat16)
-    call = KERNELS[args.kernel]
+    call = cb.FUSED_MATMULS[args.kernel]
     for _ in range(2):
         call(x, packed.reshape(-1), state.absmax, s2.absmax, s2.code, state.offset, 64, 256, "nf4",
              out_f, in_f, None, config=args.config)

@@ -209,6 +209,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("wgmma_available", &wgmma_available, pybind11::arg("device"),
         "Whether matmul_wgmma runs on this device (compute capability 9.0 and sm_90a code built).");
 
+  // The targets this module was compiled for (CMakeLists.txt "Note: targets"), for `nf4 env`:
+  // SASS for each of cuda_archs, and PTX for compute_<ptx_arch> ("" when none is embedded).
+  m.attr("cuda_archs") = NF4_CUDA_ARCHS;
+  m.attr("ptx_arch") = NF4_PTX_ARCH;
+
   m.def("last_cuda_error", []() { return std::string(cudaGetErrorString(last_cuda_error())); },
         "The CUDA error behind the last LAUNCH_FAILED or BAD_DEVICE status on this thread.");
 }

@@ -32,6 +32,9 @@ import nf4
 from nf4.nn import QuantLinear4bit
 from nf4.testing import fixtures_dir
 
+# This example's checkout: its tests/fixtures hold the default tiny Llama (NF4_FIXTURES overrides).
+CHECKOUT = Path(__file__).resolve().parents[1]
+
 log = logging.getLogger("qlora_finetune")
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -166,7 +169,7 @@ def train(args) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model", nargs="?", default=str(fixtures_dir() / "tiny_llama_bf16"),
+    parser.add_argument("model", nargs="?", default=str(fixtures_dir(CHECKOUT) / "tiny_llama_bf16"),
                         help="Hub id or local folder (default: nf4's tiny test Llama)")
     parser.add_argument("--out", type=Path, default=Path("qlora-adapter"), help="where the adapters go")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -47,6 +47,9 @@ import nf4
 import nf4.distributed
 from nf4.testing import fixtures_dir
 
+# This example's checkout: its tests/fixtures hold the default tiny Llama (NF4_FIXTURES overrides).
+CHECKOUT = Path(__file__).resolve().parents[1]
+
 log = logging.getLogger("qlora_fsdp")
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -108,7 +111,7 @@ def build_model(args: argparse.Namespace, device: torch.device):
     # for the 8B-shaped model the same random base weights; each rank then keeps its own shard.
     torch.manual_seed(args.seed)
     if not args.model_8b_shaped:
-        path = args.model if args.model is not None else fixtures_dir() / "tiny_llama_bf16"
+        path = args.model if args.model is not None else fixtures_dir(CHECKOUT) / "tiny_llama_bf16"
         return nf4.from_pretrained(str(path), device=device, progress=False, **lora)
     import transformers  # optional dependency (the [hf] extra); only this path builds from a config
 

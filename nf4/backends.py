@@ -109,8 +109,11 @@ def supports(name: str, device: torch.device) -> bool:
 
 
 def available(device: torch.device | str = "cuda") -> list[str]:
-    """The backends that can run tensors on ``device`` here."""
+    """The backends that can run tensors on ``device`` on this machine: none for CUDA tensors
+    without a usable GPU (``nf4 env`` says why each op runs where it does)."""
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return []
     return [b for b in BACKENDS if supports(b, device)]
 
 

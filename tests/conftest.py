@@ -5,6 +5,7 @@ is decorated, so it is set here before anything imports ``nf4.kernels``); the ``
 then accepts CPU tensors and CI checks every Triton kernel for correctness.
 """
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ import nf4  # noqa: E402  (after TRITON_INTERPRET is set)
 from nf4 import backends  # noqa: E402
 from nf4.testing import fixtures_dir  # noqa: E402
 
+# This checkout: its tests/fixtures, wherever nf4 itself was installed from.
+ROOT = Path(__file__).resolve().parents[1]
 # Where kernel tests put their tensors: the GPU when there is one, else the CPU (interpreter).
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 KERNEL_BACKENDS = ("triton", "cuda")
@@ -61,7 +64,8 @@ def any_backend(request):
 
 @pytest.fixture(scope="session")
 def fixtures():
-    path = fixtures_dir()
+    path = fixtures_dir(ROOT)
     if not (path / "bnb_parity.safetensors").exists():
-        pytest.fail(f"bitsandbytes test vectors not found at {path} (set NF4_FIXTURES)")
+        pytest.fail(f"bitsandbytes test vectors not found at {path} (tests/fixtures ships them; "
+                    f"NF4_FIXTURES overrides)")
     return path

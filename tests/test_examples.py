@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from nf4.testing import fixtures_dir
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "qlora_finetune.py"
 
 
@@ -49,3 +51,19 @@ def test_load_adapter_rejects_foreign_keys(example, fixtures, tmp_path):
 def test_dataset_too_small(example):
     with pytest.raises(ValueError, match="cannot fill one batch"):
         example.batches(example.make_dataset(2), example.ByteTokenizer(1024), 512, 4, "cpu")
+
+
+def test_default_model_ships_with_the_repository(example, monkeypatch):
+    """With nothing beside the clone and no NF4_FIXTURES, the example's default model is the
+    tiny Llama in tests/fixtures of its own checkout."""
+    monkeypatch.delenv("NF4_FIXTURES", raising=False)
+    model = Path(example.parse_args([]).model)
+    assert model == Path(__file__).resolve().parent / "fixtures" / "tiny_llama_bf16"
+    assert (model / "model.safetensors.index.json").is_file()
+
+
+def test_fixtures_dir_defaults_to_the_checkout(monkeypatch, tmp_path):
+    monkeypatch.delenv("NF4_FIXTURES", raising=False)
+    assert fixtures_dir(tmp_path) == tmp_path / "tests" / "fixtures"
+    monkeypatch.setenv("NF4_FIXTURES", str(tmp_path))
+    assert fixtures_dir() == tmp_path

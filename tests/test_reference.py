@@ -110,6 +110,40 @@ def test_round_trip_error_within_half_a_step(x, blocksize, quant_type):
     assert bool((err <= bound).all()), float((err - bound).max())
 
 
+def _per_element_dequantize(packed, absmax, blocksize, quant_type, numel, dtype):
+    """The formula the byte-pair decoder replaced (see Note: byte-pair decoding in nf4/reference.py):
+    one code per element, its level times its block's absmax in float32, then the cast."""
+    codes = reference.unpack(packed, numel)
+    scale = absmax.float().repeat_interleave(blocksize)[:numel]
+    return (codebook.levels(quant_type)[codes] * scale).to(dtype)
+
+
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+@SETTINGS
+@given(numel=st.integers(0, 5000), blocksize=blocksizes, quant_type=quant_types,
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1),
+       scales=st.sampled_from(["normal", "zeros", "extreme"]), into_out=st.booleans())
+def test_byte_pair_decoding_is_bit_identical_to_the_per_element_formula(numel, blocksize, quant_type, dtype,
+                                                                         seed, scales, into_out):
+    g = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, ((numel + 1) // 2,), generator=g, dtype=torch.uint8)
+    blocks = -(-numel // blocksize)
+    absmax = torch.rand(blocks, generator=g) * 4
+    if scales == "zeros":  # all-zero blocks decode to signed zeros
+        absmax = absmax * (torch.rand(blocks, generator=g) < 0.5)
+    elif scales == "extreme":  # overflow to inf in fp16/bf16, subnormals, rounding at every magnitude
+        absmax = torch.exp2(torch.randint(-140, 128, (blocks,), generator=g).float()) * (1 + absmax)
+    want = _per_element_dequantize(packed, absmax, blocksize, quant_type, numel, dtype)
+    out = torch.full((numel,), float("nan"), dtype=dtype) if into_out else None
+    got = reference.dequantize(packed, absmax, blocksize, quant_type, numel, dtype, out=out)
+    assert got.dtype == dtype and got.shape == (numel,)
+    assert torch.equal(got.view(_BITS[dtype]), want.view(_BITS[dtype]))
+    if into_out:
+        assert got.data_ptr() == out.data_ptr()
+
+
 @SETTINGS
 @given(x=tensors(), blocksize=blocksizes, quant_type=quant_types)
 def test_quantizing_a_dequantized_tensor_is_idempotent(x, blocksize, quant_type):
