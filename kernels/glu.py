@@ -19,12 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequantize import round_to
 
 SWIGLU = 0
 GEGLU = 1
 # Elements per program along a row: 1024 fp32 values (8 a thread with 4 warps).
 _BLOCK = 1024
+_INTERPRETER_ROWS = 16
 
 
 @triton.jit
@@ -54,30 +54,30 @@ def _act_grad(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _glu_forward_kernel(gate_ptr, up_ptr, out_ptr, width, gate_stride, up_stride, out_stride,
+def _glu_forward_kernel(gate_ptr, up_ptr, out_ptr, n_rows, width, gate_stride, up_stride, out_stride,
                         ACT: tl.constexpr,     # SWIGLU or GEGLU
+                        ROWS: tl.constexpr,    # rows per program
                         BLOCK: tl.constexpr):  # columns per program
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < width
+    row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
+    mask = (row < n_rows) & (cols < width)
     g = tl.load(gate_ptr + row * gate_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * up_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * out_stride + cols, round_to(_act(g, ACT) * u, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * out_stride + cols, (_act(g, ACT) * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _glu_backward_kernel(dout_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, width, dout_stride,
+def _glu_backward_kernel(dout_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_rows, width, dout_stride,
                          gate_stride, up_stride, dgate_stride, dup_stride,
-                         ACT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < width
+                         ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
+    mask = (row < n_rows) & (cols < width)
     do = tl.load(dout_ptr + row * dout_stride + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + row * gate_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * up_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dgate_ptr + row * dgate_stride + cols, round_to(do * u * _act_grad(g, ACT),
-                                                             dgate_ptr.dtype.element_ty), mask=mask)
-    tl.store(dup_ptr + row * dup_stride + cols, round_to(do * _act(g, ACT), dup_ptr.dtype.element_ty),
+    tl.store(dgate_ptr + row * dgate_stride + cols, (do * u * _act_grad(g, ACT)).to(dgate_ptr.dtype.element_ty), mask=mask)
+    tl.store(dup_ptr + row * dup_stride + cols, (do * _act(g, ACT)).to(dup_ptr.dtype.element_ty),
              mask=mask)
 
 
@@ -91,28 +91,38 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous().view(-1, t.shape[-1])
 
 
-def _grid(rows: int, width: int) -> tuple[int, int]:
-    return rows, triton.cdiv(width, _BLOCK)
+def _tiles(x: torch.Tensor, rows: int, width: int) -> tuple[tuple[int, int], int, int]:
+    """(grid, rows a program, columns a program): 1 x 1024 on the GPU; under the interpreter,
+    where each program costs milliseconds of Python, 16 rows of up to 1024 columns."""
+    if x.device.type == "cpu":
+        per_row, block = _INTERPRETER_ROWS, min(_BLOCK, triton.next_power_of_2(width))
+    else:
+        per_row, block = 1, _BLOCK
+    return (triton.cdiv(rows, per_row), triton.cdiv(width, block)), per_row, block
 
 
 def glu_forward(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
     g2, u2 = _rows(gate), _rows(up)
-    out = torch.empty(g2.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+    # allocated in gate's shape (a Function must not return a view it made)
+    out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     if out.numel():
-        _glu_forward_kernel[_grid(*g2.shape)](g2, u2, out, g2.shape[1], g2.stride(0), u2.stride(0),
-                                              out.stride(0), ACT=act, BLOCK=_BLOCK, num_warps=4)
-    return out.view(gate.shape)
+        grid, rows, block = _tiles(gate, *g2.shape)
+        _glu_forward_kernel[grid](g2, u2, out.view(g2.shape), g2.shape[0], g2.shape[1], g2.stride(0),
+                                  u2.stride(0), g2.shape[1], ACT=act, ROWS=rows, BLOCK=block, num_warps=4)
+    return out
 
 
 def glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: int):
     d2, g2, u2 = _rows(dout), _rows(gate), _rows(up)
-    dgate = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
-    dup = torch.empty(u2.shape, dtype=up.dtype, device=up.device)
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     if dgate.numel():
-        _glu_backward_kernel[_grid(*g2.shape)](d2, g2, u2, dgate, dup, g2.shape[1], d2.stride(0),
-                                               g2.stride(0), u2.stride(0), dgate.stride(0), dup.stride(0),
-                                               ACT=act, BLOCK=_BLOCK, num_warps=4)
-    return dgate.view(gate.shape), dup.view(up.shape)
+        width = g2.shape[1]
+        grid, rows, block = _tiles(gate, *g2.shape)
+        _glu_backward_kernel[grid](d2, g2, u2, dgate.view(g2.shape), dup.view(u2.shape), g2.shape[0], width,
+                                   d2.stride(0), g2.stride(0), u2.stride(0), width, width,
+                                   ACT=act, ROWS=rows, BLOCK=block, num_warps=4)
+    return dgate, dup
 
 
 class GLUFunction(torch.autograd.Function):

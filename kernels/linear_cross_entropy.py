@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequantize import round_to
 
 IGNORE_INDEX = -100
 # Chunk size: tokens * vocab <= 2^26 logits (128 MiB in bf16), rounded down to a power of two:
@@ -86,7 +85,7 @@ def _cross_entropy_kernel(logits_ptr, labels_ptr, loss_ptr, denominator_ptr, voc
         if CAP > 0.0:
             t = z / CAP
             g = g * (1.0 - t * t)
-        tl.store(base + cols, round_to(g * scale, logits_ptr.dtype.element_ty), mask=mask)
+        tl.store(base + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
 
 
 def chunk_rows(vocab: int) -> int:

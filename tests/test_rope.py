@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from tests.conftest import DEVICE
 
 transformers = pytest.importorskip("transformers")
-from nf4.kernels.rope import apply_rope_  # noqa: E402
+from nf4.kernels.rope import apply_rope, apply_rope_  # noqa: E402
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
 # fp32: x1*c - x2*s, one FMA order against another: 1e-6 on values of size ~3.
@@ -37,7 +37,7 @@ def heads(x, n, head_dim):
     return x.view(x.shape[0], x.shape[1], n, head_dim).transpose(1, 2)
 
 
-def check(batch, q_heads, k_heads, seq, head_dim, dtype, seed=0, rot=None, broadcast=False):
+def check(batch, q_heads, k_heads, seq, head_dim, dtype, seed=0, rot=None, broadcast=False, fn=apply_rope_):
     rot = rot or head_dim
     cos, sin = cos_sin(batch, seq, rot, dtype, seed, broadcast)
     q, k = projections(batch, q_heads, k_heads, seq, head_dim, dtype, seed + 1)
@@ -52,7 +52,7 @@ def check(batch, q_heads, k_heads, seq, head_dim, dtype, seed=0, rot=None, broad
     q_ref, k_ref = torch.cat([q_ref, k_pass], -1), torch.cat([k_ref, kp], -1)
     grads_ref = torch.autograd.grad((q_ref, k_ref), (q, k), (dq_out, dk_out))
 
-    q_out, k_out = apply_rope_(heads(q * 1, q_heads, head_dim), heads(k * 1, k_heads, head_dim), cos, sin)
+    q_out, k_out = fn(heads(q * 1, q_heads, head_dim), heads(k * 1, k_heads, head_dim), cos, sin)
     grads = torch.autograd.grad((q_out, k_out), (q, k), (dq_out, dk_out))
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(q_out, q_ref, **tol)
@@ -65,6 +65,12 @@ def check(batch, q_heads, k_heads, seq, head_dim, dtype, seed=0, rot=None, broad
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 2), (2, 4, 2, 5, 8), (3, 3, 1, 7, 18)])
 def test_matches_transformers(dtype, shape):
     check(*shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_of_place_matches_transformers(dtype):
+    check(2, 3, 1, 5, 10, dtype, fn=apply_rope)
+    check(2, 2, 2, 3, 12, dtype, rot=8, fn=apply_rope)
 
 
 def test_cos_sin_broadcast_over_batch():
