@@ -125,3 +125,15 @@ def test_qlora_loss_curve_matches_unpatched(model_type):
     # Same fp32 maths in another summation order: 30 AdamW steps keep the curves within 1e-4
     # (the per-step difference starts at ~1e-6 and Adam's normalized updates do not amplify it).
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
+
+
+def test_from_pretrained_patch_switch(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    plain = nf4.from_pretrained(tmp_path, device="cpu", compute_dtype=torch.float32, progress=False)
+    assert not any(hasattr(m, "_nf4_unpatched_forward") for m in plain.modules())
+    patched = nf4.from_pretrained(tmp_path, device="cpu", compute_dtype=torch.float32, progress=False,
+                                  patch=True)
+    assert hasattr(patched, "_nf4_unpatched_forward")
+    assert hasattr(patched.model.norm, "_nf4_unpatched_forward")
+    with pytest.raises(TypeError, match="patch must be a bool"):
+        nf4.from_pretrained(tmp_path, device="cpu", patch="yes")
