@@ -89,3 +89,25 @@ def test_rejects_out_of_range_labels():
         linear_cross_entropy(h, torch.randn(10, 8), torch.tensor([[1, 10, 2]]))
     with pytest.raises(ValueError, match="labels must have shape"):
         linear_cross_entropy(h, torch.randn(10, 8), torch.tensor([[1, 2]]))
+
+
+@pytest.mark.gpu
+def test_llama3_vocab_never_holds_the_full_logits():
+    n, hidden_size, vocab = 2048, 1024, 128256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(1, n, hidden_size, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(vocab, hidden_size, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (1, n), device="cuda", generator=g)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = linear_cross_entropy(h, w, labels)
+    (grad,) = torch.autograd.grad(loss, h)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    # bf16 logits alone are n * vocab * 2 = 525 MB; one 512-token chunk is 131 MB (+ 4 MB of dh).
+    assert extra < n * vocab * 2 / 2, f"{extra / 1e6:.0f} MB above the inputs"
+    want = reference(h, w, None, labels, True, None, None)
+    (grad_want,) = torch.autograd.grad(want, h)
+    torch.testing.assert_close(loss, want, **TOLERANCES[torch.bfloat16])
+    torch.testing.assert_close(grad, grad_want, **TOLERANCES[torch.bfloat16])

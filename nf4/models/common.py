@@ -60,7 +60,11 @@ def patch_norms(model: nn.Module, gemma: bool) -> int:
 # ------------------------------------------------------------------------------- attention
 def _transformers_attention(config, eager: Callable) -> Callable:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # optional dependency ([hf])
-    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
+    # releases without get_interface: "eager" is the module's own function, others are registered
+    impl = config._attn_implementation
+    return eager if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
 
 
 def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
