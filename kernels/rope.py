@@ -1,4 +1,5 @@
-"""Rotary position embedding applied to q and k in place, in Triton (forward and backward).
+"""Rotary position embedding of q and k in Triton, in place (``apply_rope_``) or into new tensors
+(``apply_rope``), forward and backward.
 
 transformers' convention (``rotate_half``): with ``x = [x1, x2]`` split at half the rotary
 width and ``cos``/``sin`` of shape [batch or 1, seq, rotary_dim] built by the model's rotary
@@ -12,7 +13,10 @@ through. The rotation is orthogonal, so the backward is the same kernel with ``-
 
 q is [batch, q_heads, seq, head_dim] and k [batch, kv_heads, seq, head_dim], any strides with a
 unit stride along head_dim (the usual ``view(...).transpose(1, 2)`` of a projection). One program
-handles (batch, position) pairs for every head, loading cos/sin once a pair. Sums and
+handles (batch, position) pairs for every head, loading cos/sin once a pair.
+
+The patched models use ``apply_rope``: with QuantLinear4bit projections q and k are views of a
+custom Function's output, which autograd does not let another Function modify in place. Sums and
 products are float32; the result is rounded once (transformers rounds cos/sin-products in the
 input dtype, two more roundings in bf16).
 """
