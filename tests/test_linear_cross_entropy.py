@@ -70,6 +70,17 @@ def test_vocab_longer_than_one_block():
     check(1, 3, 8, 4096 + 37)
 
 
+def test_no_grad_gives_the_same_loss_without_gradients():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 5, 8, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(40, 8, generator=g).to(DEVICE)
+    labels = torch.randint(0, 40, (2, 5), generator=g).to(DEVICE)
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, labels)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, reference(h, w, None, labels, True, None, None).detach(), **TOLERANCES[torch.float32])
+
+
 def test_all_ignored_is_nan_as_in_torch():
     h = torch.randn(1, 3, 8, device=DEVICE, requires_grad=True)
     labels = torch.full((1, 3), IGNORE_INDEX, device=DEVICE)
