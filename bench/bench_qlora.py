@@ -13,14 +13,26 @@ adapters only; embeddings, norms and ``lm_head`` stay bf16 and frozen. Setups:
                     ``nf4.peft.register`` (float32 adapters, peft's default)
     bnb + peft      ``bnb.nn.Linear4bit`` (nf4, double quant, bf16 compute) + peft (float32 adapters)
     bnb + LoRA      ``bnb.nn.Linear4bit`` + a plain bf16 LoRA module (``x A^T B^T * s`` added)
+    nf4 patched     "nf4" + ``nf4.models.patch`` (Triton norms, RoPE, SwiGLU, chunked lm_head +
+                    cross-entropy) + ``nf4.models.checkpointing`` per layer (inputs kept on GPU)
+    nf4 patched offload  the same with the checkpointed layer inputs offloaded to pinned CPU memory
+    bf16 LoRA       no quantization: the bf16 nn.Linear layers + the plain bf16 LoRA module (the
+                    ceiling reference for speed)
 
 Weights GB: ``memory_allocated`` once the model is converted (1e9 bytes). Peak GB:
 ``max_memory_allocated`` over the training steps (weights included). tokens/s: timed steps after
 warm-up, synchronized at both ends. All setups train on the same token batch from the same seed,
 so their loss curves are comparable (the first loss is the same quantized model's).
-Goal (issue 7): nf4 >= 1.3x bnb + peft and >= 1.05x bnb + LoRA tokens/s, peak <= both.
+tokens/s is the median of ``--repeats`` timed windows (default 3) of ``--steps`` steps each, with
+their min and max. ``--max-seq``: for each setup, one step at 2048 tokens, then 4096, ... doubling
+until CUDA runs out of memory (or ``--max-seq-limit``); reports the longest that trained and its
+peak memory.
+Goals (issue 7): nf4 >= 1.3x bnb + peft and >= 1.05x bnb + LoRA tokens/s, peak <= both.
+Goals (issue 19): nf4 patched >= 2.0x bnb + peft, >= 1.6x bnb + LoRA, >= 0.95x bf16 LoRA tokens/s;
+peak <= 0.6x bnb + peft; longest sequence >= 4x bnb + peft's.
 
     python -m bench.bench_qlora              # the table, into bench/RESULTS.md (GPU)
+    python -m bench.bench_qlora --max-seq --setups "nf4 patched offload,bnb + peft"
     python -m bench.bench_qlora --profile    # plus torch.profiler summaries in $OUT (or the cwd)
     python -m bench.bench_qlora --tiny       # a 2-layer model on the CPU: checks the script only
 """
@@ -40,6 +52,8 @@ from torch import nn
 
 import nf4
 from bench.common import stamp, table, write_section
+from nf4 import models as nf4_models
+from nf4.models import checkpointing as nf4_checkpointing
 from nf4.nn import QuantLinear4bit
 
 try:
@@ -122,9 +136,27 @@ def to_bnb(model: nn.Module, device: torch.device, plain_lora: bool) -> nn.Modul
     return model
 
 
+def to_plain_lora(model: nn.Module, device: torch.device) -> nn.Module:
+    """Wrap each targeted bf16 nn.Linear (frozen) in PlainLoRA: LoRA without quantization."""
+    for name in linear_names(model):
+        if name.rpartition(".")[2] in TARGETS:
+            linear = model.get_submodule(name)
+            swap(model, name, PlainLoRA(linear, linear.in_features, linear.out_features, device, torch.bfloat16))
+    return model
+
+
+PATCHED = ("nf4 patched", "nf4 patched offload")
+
+
 def build(setup: str, shape: dict, device: torch.device) -> nn.Module:
     model = float_model(shape, device)
-    if setup in ("nf4", "nf4 bf16"):
+    if setup in PATCHED:
+        nf4.quantize_model(model, device=device, lora_rank=RANK, lora_alpha=ALPHA, target_modules=TARGETS)
+        if not nf4_models.patch(model):
+            raise RuntimeError("nf4.models.patch did not patch the Llama benchmark model")
+    elif setup == "bf16 LoRA":
+        to_plain_lora(model, device)
+    elif setup in ("nf4", "nf4 bf16"):
         nf4.quantize_model(model, device=device, lora_rank=RANK, lora_alpha=ALPHA, target_modules=TARGETS)
         if setup == "nf4 bf16":
             for m in model.modules():
@@ -195,13 +227,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_setup(setup: str, shape: dict, device: torch.device, tokens: int, warmup: int, steps: int,
-              profile_dir: Optional[Path]) -> dict:
-    cuda = device.type == "cuda"
-    start = time.perf_counter()
+def prepare(setup: str, shape: dict, device: torch.device) -> nn.Module:
     model = build(setup, shape, device)
     model.train()
-    _enable_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    if setup in PATCHED:
+        nf4_checkpointing.enable(model, offload=setup == "nf4 patched offload")
+    else:
+        _enable_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    return model
+
+
+def run_setup(setup: str, shape: dict, device: torch.device, tokens: int, warmup: int, steps: int,
+              profile_dir: Optional[Path], repeats: int = 3) -> dict:
+    cuda = device.type == "cuda"
+    start = time.perf_counter()
+    model = prepare(setup, shape, device)
     sync(device)
     built = time.perf_counter() - start
     if cuda:
@@ -214,18 +254,21 @@ def run_setup(setup: str, shape: dict, device: torch.device, tokens: int, warmup
     step, params = make_step(model, input_ids)
     adapter_dtype = params[0].dtype
     losses = [step() for _ in range(warmup)]
-    sync(device)
-    t0 = time.perf_counter()
-    losses += [step() for _ in range(steps)]
-    sync(device)
-    elapsed = time.perf_counter() - t0
+    rates = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        losses += [step() for _ in range(steps)]
+        sync(device)
+        rates.append(tokens * steps / (time.perf_counter() - t0))
+    rate = sorted(rates)[len(rates) // 2]
     peak = torch.cuda.max_memory_allocated(device) / GB if cuda else float("nan")
     kernel_ms = profile(setup, step, device, profile_dir) if profile_dir is not None else None
-    result = dict(kernel_ms=kernel_ms, setup=setup, weights=weights, peak=peak, tokens_per_s=tokens * steps / elapsed,
-                  step_ms=elapsed / steps * 1e3, losses=[float(v) for v in torch.stack(losses).cpu()],
+    result = dict(kernel_ms=kernel_ms, setup=setup, weights=weights, peak=peak, tokens_per_s=rate,
+                  tokens_per_s_min=min(rates), tokens_per_s_max=max(rates), step_ms=tokens / rate * 1e3, losses=[float(v) for v in torch.stack(losses).cpu()],
                   adapter_dtype=str(adapter_dtype).replace("torch.", ""), build_s=built,
                   trainable=sum(p.numel() for p in params),
-                  bits=bits_per_parameter(model) if setup.startswith("nf4") else None)
+                  bits=bits_per_parameter(model) if setup.startswith("nf4") else None, max_seq=None)
     log.info("%s: built in %.1f s, weights %.2f GB, peak %.2f GB, %.0f tokens/s (%.0f ms/step), "
              "losses %s", setup, built, weights, peak, result["tokens_per_s"], result["step_ms"],
              " ".join(f"{v:.4f}" for v in result["losses"]))
@@ -234,6 +277,37 @@ def run_setup(setup: str, shape: dict, device: torch.device, tokens: int, warmup
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def max_sequence(setup: str, shape: dict, device: torch.device, start: int, limit: int) -> tuple[int, float]:
+    """(longest sequence that trained one step, its peak GB): doubling from ``start`` until CUDA
+    runs out of memory or ``limit``. One model per setup; memory is freed between lengths."""
+    model = prepare(setup, shape, device)
+    best, best_peak, tokens = 0, float("nan"), start
+    while tokens <= limit:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        g = torch.Generator(device="cpu").manual_seed(SEED + 1)
+        input_ids = torch.randint(shape["vocab_size"], (1, tokens), generator=g).to(device)
+        try:
+            step, _ = make_step(model, input_ids)
+            step()
+            sync(device)
+        except torch.cuda.OutOfMemoryError:
+            log.info("%s: %d tokens ran out of memory", setup, tokens)
+            break
+        finally:
+            step = input_ids = None
+            for p in model.parameters():
+                p.grad = None
+        best, best_peak = tokens, torch.cuda.max_memory_allocated(device) / GB
+        log.info("%s: %d tokens trained, peak %.2f GB", setup, tokens, best_peak)
+        tokens *= 2
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return best, best_peak
 
 
 def profile(setup: str, step: Callable, device: torch.device, out: Path) -> float:
@@ -265,13 +339,14 @@ def profile(setup: str, step: Callable, device: torch.device, out: Path) -> floa
 
 
 # ------------------------------------------------------------------------------- report
-def report(results: list[dict], tokens: int, warmup: int, steps: int, tiny: bool) -> str:
+def report(results: list[dict], tokens: int, warmup: int, steps: int, repeats: int, tiny: bool) -> str:
     by = {r["setup"]: r for r in results}
     ours = by["nf4"]
     rows = []
     for r in results:
         rows.append([r["setup"], r["adapter_dtype"], f"{r['weights']:.3f}", f"{r['peak']:.3f}",
-                     f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.0f}",
+                     f"{r['tokens_per_s']:,.0f}",
+                     f"{r['tokens_per_s_min']:,.0f}-{r['tokens_per_s_max']:,.0f}", f"{r['step_ms']:.0f}",
                      "" if r["kernel_ms"] is None else f"{r['kernel_ms']:.0f}",
                      f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x",
                      "" if r["bits"] is None else f"{r['bits']:.4f}"])
@@ -283,14 +358,15 @@ def report(results: list[dict], tokens: int, warmup: int, steps: int, tiny: bool
         "",
         f"Random bf16 weights (one seed), {tokens} tokens, batch 1, gradient checkpointing, bf16 "
         f"autocast, LoRA rank {RANK} / alpha {ALPHA:g} on q,k,v,o,gate,up,down, AdamW (lr {LR:g}) "
-        f"on the adapters; {warmup} warm-up + {steps} timed steps per setup, one setup at a time "
+        f"on the adapters; {warmup} warm-up + {repeats} x {steps} timed steps per setup (tokens/s: "
+        f"median of the {repeats} windows, min-max beside it), one setup at a time "
         "(everything freed between). Weights: GB allocated after conversion (1e9 B). Peak: max GB "
         "allocated over the steps. GPU busy: kernel time of one profiled step (--profile); the rest "
         "of ms/step the GPU waits for the host. nf4 speed-up: nf4 tokens/s over the row's. "
         "bits/param: stored "
         "bits per quantized weight (codes + absmax codes + nested absmax + tables).",
         "",
-        table(["setup", "adapters", "weights GB", "peak GB", "tokens/s", "ms/step", "GPU busy ms",
+        table(["setup", "adapters", "weights GB", "peak GB", "tokens/s", "min-max", "ms/step", "GPU busy ms",
                "nf4 speed-up",
                "bits/param"], rows),
         "",
@@ -306,10 +382,40 @@ def report(results: list[dict], tokens: int, warmup: int, steps: int, tiny: bool
                              f"vs {by[name]['peak']:.3f} GB (goal <=): {'met' if ok else 'NOT met'}")
         if goals:
             lines += [f"Goals, {mine} ({by[mine]['adapter_dtype']} adapters): " + "; ".join(goals) + ".", ""]
+    for mine in PATCHED:
+        if mine not in by:
+            continue
+        r, goals = by[mine], []
+        for name, want in (("bnb + peft", 2.0), ("bnb + LoRA", 1.6), ("bf16 LoRA", 0.95)):
+            if name in by:
+                ratio = r["tokens_per_s"] / by[name]["tokens_per_s"]
+                goals.append(f"{ratio:.2f}x {name} tokens/s (goal >= {want}x: {'met' if ratio >= want else 'NOT met'})")
+        if "bnb + peft" in by:
+            ratio = r["peak"] / by["bnb + peft"]["peak"]
+            goals.append(f"peak {ratio:.2f}x bnb + peft's (goal <= 0.6x: {'met' if ratio <= 0.6 else 'NOT met'})")
+        if goals:
+            lines += [f"Goals (issue 19), {mine}: " + "; ".join(goals) + ".", ""]
     lines += ["Loss per step (same token batch, same seed; the first value is the quantized model "
               "before any update):", ""]
     lines += [table(["setup"] + [str(i) for i in range(len(ours["losses"]))],
                     [[r["setup"]] + [f"{v:.4f}" for v in r["losses"]] for r in results])]
+    return "\n".join(lines)
+
+
+def max_seq_report(found: list[tuple[str, int, float]], start: int, limit: int) -> str:
+    by = {name: (tokens, peak) for name, tokens, peak in found}
+    rows = [[name, f"{tokens:,}" if tokens else f"< {start:,}", f"{peak:.2f}"] for name, tokens, peak in found]
+    lines = ["## QLoRA longest sequence, Llama-3-8B shapes (`bench/bench_qlora.py --max-seq`)", "", stamp(), "",
+             f"Batch 1, one training step per length, doubling from {start:,} tokens until CUDA runs out of "
+             f"memory (at most {limit:,}); the rest as the QLoRA table. Peak: max GB allocated during the "
+             "longest step that trained.", "", table(["setup", "longest sequence", "peak GB"], rows), ""]
+    if "bnb + peft" in by and by["bnb + peft"][0]:
+        for mine in PATCHED:
+            if mine in by:
+                ratio = by[mine][0] / by["bnb + peft"][0]
+                capped = " (reached --max-seq-limit)" if by[mine][0] * 2 > limit else ""
+                lines += [f"Goal (issue 19), {mine}: {ratio:.0f}x bnb + peft's longest sequence{capped} "
+                          f"(goal >= 4x: {'met' if ratio >= 4 else 'NOT met'}).", ""]
     return "\n".join(lines)
 
 
@@ -321,7 +427,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per setup")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--setups", default=None, help="comma-separated subset of the setups")
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows per setup (median reported)")
+    parser.add_argument("--max-seq", action="store_true",
+                        help="per setup, double the sequence from 2048 tokens until out of memory")
+    parser.add_argument("--max-seq-limit", type=int, default=131072, help="longest sequence --max-seq tries")
     args = parser.parse_args()
+    if args.repeats < 1 or args.warmup < 0 or (args.steps is not None and args.steps < 1):
+        parser.error(f"--repeats and --steps must be >= 1 and --warmup >= 0, got {args.repeats}, "
+                     f"{args.steps}, {args.warmup}")
     if args.tiny:
         shape, device, tokens, steps = TINY, torch.device("cpu"), 128, args.steps or 2
     else:
@@ -329,6 +442,12 @@ def main() -> None:
             parser.error("the 8B benchmark needs a CUDA GPU; use --tiny to check the script on CPU")
         shape, device, tokens, steps = LLAMA3_8B, torch.device("cuda"), 2048, args.steps or 8
     setups = ["nf4", "nf4 bf16"]
+    # The patched rows run Triton kernels: on the GPU, or on the CPU under TRITON_INTERPRET=1.
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        setups += list(PATCHED)
+    else:
+        log.warning("nf4 patched rows skipped (CPU run without TRITON_INTERPRET=1)")
+    setups.append("bf16 LoRA")
     if peft is not None:
         setups.append("nf4 + peft")
     if bnb is not None and device.type == "cuda":
@@ -341,12 +460,19 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown or unavailable setups {unknown}; available: {setups}")
         setups = [s for s in setups if s in wanted]
+    if args.max_seq:
+        if device.type != "cuda":
+            parser.error("--max-seq needs a CUDA GPU (it runs until CUDA is out of memory)")
+        shape = dict(shape, max_position_embeddings=max(shape["max_position_embeddings"], args.max_seq_limit))
+        found = [(s, *max_sequence(s, shape, device, tokens, args.max_seq_limit)) for s in setups]
+        write_section("qlora_max_seq", max_seq_report(found, tokens, args.max_seq_limit))
+        return
     if "nf4" not in setups:
         parser.error("the nf4 setup is the reference of the table; keep it in --setups")
     out = os.environ.get("OUT")
     profile_dir = (Path(out) if out else Path.cwd()) if args.profile else None
-    results = [run_setup(s, shape, device, tokens, args.warmup, steps, profile_dir) for s in setups]
-    body = report(results, tokens, args.warmup, steps, args.tiny)
+    results = [run_setup(s, shape, device, tokens, args.warmup, steps, profile_dir, args.repeats) for s in setups]
+    body = report(results, tokens, args.warmup, steps, args.repeats, args.tiny)
     if args.tiny:
         log.info("tiny run (not written to RESULTS.md):\n%s", body)
     else:

@@ -628,7 +628,7 @@ def from_pretrained(name_or_path, *, device=None, compute_dtype: Optional[torch.
                     quant_type: str = "nf4", blocksize: int = 64, compress_statistics: bool = True,
                     skip_modules=None, lora_rank: int = 0, lora_alpha: Optional[float] = None,
                     target_modules=None, revision: Optional[str] = None, cache_dir=None,
-                    token=None, progress: bool = True):
+                    token=None, progress: bool = True, patch: bool = False):
     """Load a Hub repository or local folder as a transformers model with 4-bit linear layers.
 
     ``device`` defaults to the current CUDA device when there is one, else the CPU;
@@ -644,11 +644,22 @@ def from_pretrained(name_or_path, *, device=None, compute_dtype: Optional[torch.
     ``cache_dir``, ``token`` and ``HF_HUB_OFFLINE``. Only safetensors are read, and every header,
     shape and quantization state is validated before use (ValueError/FileNotFoundError naming
     the file and tensor); non-finite weights are refused.
+
+    ``patch=True`` applies ``nf4.models.patch`` after loading: Triton kernels for the norms, RoPE,
+    MLP activation and a loss that never builds the full logits (llama, mistral, qwen2, qwen3,
+    gemma2, phi3; other types load unpatched with one log line). Off by default until it is
+    proven on the GPU benchmark (``bench/bench_qlora.py``).
     """
+    if not isinstance(patch, bool):
+        raise TypeError(f"patch must be a bool, got {type(patch).__name__}")
     opts = _options(compute_dtype, quant_type, blocksize, compress_statistics, skip_modules,
                     lora_rank, lora_alpha, target_modules)
     folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
-    return load_folder(folder, device=device, opts=opts, progress=progress)
+    model = load_folder(folder, device=device, opts=opts, progress=progress)
+    if patch:
+        import nf4.models  # needs Triton (optional off Linux): imported only when asked for
+        nf4.models.patch(model)
+    return model
 
 
 @torch.no_grad()

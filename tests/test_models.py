@@ -1,0 +1,139 @@
+"""nf4.models: each patched architecture against the same model unpatched (tiny random fp32
+models, CPU, Triton interpreter): logits, loss, every gradient, and a 30-step QLoRA loss curve."""
+import copy
+import logging
+
+import pytest
+import torch
+
+import nf4
+from nf4 import models
+from tests.conftest import DEVICE
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**COMMON),
+    "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=6),
+    "qwen2": lambda: transformers.Qwen2Config(**COMMON),
+    "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=16),
+    "gemma2": lambda: transformers.Gemma2Config(**COMMON, head_dim=16, sliding_window=6, query_pre_attn_scalar=16,
+                                                final_logit_softcapping=3.0, attn_logit_softcapping=5.0),
+    "phi3": lambda: transformers.Phi3Config(**COMMON, pad_token_id=0, partial_rotary_factor=0.5),
+}
+BATCH, SEQ = 2, 11
+# fp32, two layers: every kernel sums in another order than torch (a few ulps); the difference
+# grows through attention and the residual stream to ~1e-6 relative. 2e-5 fails on any maths error
+# (a missing 1 + weight, a wrong RoPE half, the wrong activation shift by > 1e-2).
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+def tiny_model(model_type: str, seed: int = 0, layers: int = 2):
+    config = CONFIGS[model_type]()
+    config.num_hidden_layers = layers
+    if hasattr(config, "layer_types") and config.layer_types is not None:  # Gemma-2: per-layer kinds
+        config.layer_types = config.layer_types[:layers]
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(DEVICE)
+    with torch.no_grad():  # Gemma's norm weights start at 0 and RMSNorms at 1: move them off
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def batch(vocab: int, seed: int = 1, shape=(BATCH, SEQ)):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, shape, generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt that is not trained on
+    return ids.to(DEVICE), labels.to(DEVICE)
+
+
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_logits_loss_and_every_gradient(model_type):
+    ref = tiny_model(model_type)
+    ref.train()
+    patched = copy.deepcopy(ref)
+    assert models.patch(patched)
+    ids, labels = batch(ref.config.vocab_size)
+
+    with torch.no_grad():
+        torch.testing.assert_close(patched(input_ids=ids).logits, ref(input_ids=ids).logits, **TOL)
+    out_ref = ref(input_ids=ids, labels=labels)
+    out = patched(input_ids=ids, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, out_ref.loss, **TOL)
+    out_ref.loss.backward()
+    out.loss.backward()
+    grads = dict(patched.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_unpatch_restores_transformers_forwards():
+    model = tiny_model("llama")
+    assert models.patch(model)
+    models.unpatch(model)
+    assert not any(hasattr(m, "_nf4_unpatched_forward") for m in model.modules())
+    ids, labels = batch(model.config.vocab_size)
+    assert model(input_ids=ids, labels=labels).logits is not None
+
+
+def test_unknown_model_type_runs_unpatched(caplog):
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
+    model = transformers.GPT2LMHeadModel(config)
+    with caplog.at_level(logging.INFO, logger="nf4.models"):
+        assert not models.patch(model)
+    assert "model_type 'gpt2' has no fused training path" in caplog.text
+    assert not any(hasattr(m, "_nf4_unpatched_forward") for m in model.modules())
+
+
+def train(model, ids, labels, steps):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+# The four distinct code paths (mistral and qwen2 differ from llama only in the attention's
+# sliding-window argument, covered by the gradient test above): 30 steps of the interpreter cost
+# ~25 s of CPU per architecture.
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2", "phi3"])
+def test_qlora_loss_curve_matches_unpatched(model_type):
+    # One layer and 8 tokens: every kernel launch is one interpreter program (~0.5 s a step on
+    # 2 cores, 30 steps x 6 architectures inside the CI budget).
+    ref = tiny_model(model_type, layers=1)
+    nf4.quantize_model(ref, device=DEVICE, compute_dtype=torch.float32, lora_rank=4, lora_alpha=8.0)
+    for name, p in ref.named_parameters():
+        p.requires_grad_("lora_" in name)
+    patched = copy.deepcopy(ref)
+    assert models.patch(patched)
+    ids, labels = batch(ref.config.vocab_size, shape=(1, 8))
+    want = train(ref, ids, labels, 30)
+    got = train(patched, ids, labels, 30)
+    assert want[-1] < want[0] - 0.5  # the adapters learn this batch
+    # Same fp32 maths in another summation order: 30 AdamW steps keep the curves within 1e-4
+    # (the per-step difference starts at ~1e-6 and Adam's normalized updates do not amplify it).
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
+
+
+def test_from_pretrained_patch_switch(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    plain = nf4.from_pretrained(tmp_path, device="cpu", compute_dtype=torch.float32, progress=False)
+    assert not any(hasattr(m, "_nf4_unpatched_forward") for m in plain.modules())
+    patched = nf4.from_pretrained(tmp_path, device="cpu", compute_dtype=torch.float32, progress=False,
+                                  patch=True)
+    assert hasattr(patched, "_nf4_unpatched_forward")
+    assert hasattr(patched.model.norm, "_nf4_unpatched_forward")
+    with pytest.raises(TypeError, match="patch must be a bool"):
+        nf4.from_pretrained(tmp_path, device="cpu", patch="yes")
