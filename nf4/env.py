@@ -131,8 +131,7 @@ def _cuda_why(name: str, op: str, ext: Extension, capability: tuple[int, int]) -
             wgmma = cb.wgmma_available(torch.device("cuda"))
             why += (f"; fused kernels up to {cb.WGMMA_MAX_TOKENS} tokens (wgmma)" if wgmma else
                     f"; fused kernels up to {cb.TILED_MAX_TOKENS} tokens (no wgmma: needs sm_90a code on an H100/H200)")
-            why += ", larger batches: " + ("Triton's matmul" if backends.supports("triton", torch.device("cuda"))
-                                           else "dequantize + cuBLAS")
+            why += ", larger batches: its dequantize + cuBLAS (nf4.backends.route)"
         return why
     if name == "triton":
         return f"nf4._C not loaded: {ext.error}"
