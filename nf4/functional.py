@@ -63,9 +63,9 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
         compress_statistics: double quantization (absmax as 8-bit codes, ~0.37 fewer bits/param).
         quant_type: ``"nf4"`` or ``"fp4"``.
         quant_storage: dtype the packed bytes are viewed as (uint8, or e.g. bfloat16 for FSDP).
-        check_finite: refuse NaN and Inf with a ValueError (one reduction and a device sync). A
-            non-finite value would make its whole block's absmax NaN or Inf and decode every
-            value of the block to NaN; nf4 refuses such weights everywhere (this function,
+        check_finite: refuse NaN and Inf with a ValueError (one reduction and a device sync). An
+            Inf makes its block's absmax Inf and the whole block decode to NaN; a NaN does the
+            same on the CPU and is dropped by the GPU kernels' max. nf4 refuses such weights everywhere (this function,
             ``QuantLinear4bit``, ``quantize_model``, ``from_pretrained``). Pass False only where
             the caller has checked already (the loader batches its checks).
 

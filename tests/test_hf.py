@@ -56,8 +56,8 @@ def load(folder, config=None):
 
 def logits(model, ids):
     model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+    with torch.no_grad():  # nf4.from_pretrained puts the model on the GPU where there is one
+        return model(input_ids=ids.to(model.device)).logits.cpu()
 
 
 # ------------------------------------------------------------------------------- the quantizer
