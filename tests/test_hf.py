@@ -87,7 +87,7 @@ def test_save_pretrained_writes_the_bnb_folder(fixtures, tmp_path, installed):
     assert qc == json.loads((bnb_dir / "config.json").read_text())["quantization_config"]
     # Read back by transformers (nf4 serving the bnb config) and by nf4 alone: the same logits.
     assert torch.equal(logits(load(tmp_path / "saved"), ids), want)
-    assert torch.equal(logits(nf4.from_pretrained(tmp_path / "saved", progress=False), ids), want)
+    assert torch.equal(logits(nf4.from_pretrained(tmp_path / "saved", progress=False, device="cpu"), ids), want)
 
 
 def test_bnb_checkpoint_loads_without_bitsandbytes(fixtures, tmp_path, installed):
