@@ -4,7 +4,7 @@
                                [--budget-s 540] [--prepare] [--keep]
 
 Writes a Llama-3-8B-shaped checkpoint with random bf16 weights (~16 GB, 4 shards) under ``--dir``
-(or ``$NF4_BENCH_LOAD_DIR``; default /tmp/nf4_bench_load), announcing its size and the free disk
+(or ``$NF4_BENCH_LOAD_DIR``; one of them is required), announcing its size and the free disk
 first, then loads it in fresh processes, one loader after the other in turn:
 
 - ``nf4 (auto)`` / ``nf4 (mmap)`` / ``nf4 (read)``: ``nf4.from_pretrained`` (nf4, double quant,
@@ -279,8 +279,9 @@ def prepare(args, names: dict) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
-    parser.add_argument("--dir", type=Path, default=Path(os.environ.get(DIR_ENV, "/tmp/nf4_bench_load")),
-                        help=f"where the checkpoint is written (default ${DIR_ENV} or /tmp/nf4_bench_load)")
+    parser.add_argument("--dir", type=Path, default=Path(os.environ[DIR_ENV]) if os.environ.get(DIR_ENV) else None,
+                        help=f"where the checkpoint is written (required, or ${DIR_ENV}): nothing large "
+                             f"is written anywhere the user did not name")
     parser.add_argument("--repeats", type=int, default=2, help="warm-cache runs per loader")
     parser.add_argument("--cold-repeats", type=int, default=1, help="cold-cache runs per loader (0: none)")
     parser.add_argument("--budget-s", type=float, default=540,
@@ -293,6 +294,8 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
+    if args.dir is None:
+        parser.error(f"--dir (or {DIR_ENV}) is required: the {args.shape} checkpoint is written there")
     began = time.perf_counter()
     names = _shapes(args.shape)
     ckpt = prepare(args, names)

@@ -5,6 +5,7 @@ import importlib
 import importlib.util
 import io
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,11 @@ def test_host_run_on_cpu_builds_the_section(bench_host):
     assert "Per call: 1 token, 32x64" in body and f"| {bh.NF4_LORA} |" in body
     assert "| nf4 | 7 |" in body and "| generate: nf4 tokens/s / bf16 |" in body
     assert f"| {bh.NF4_MATMUL} / {bh.F_LINEAR}, no grad |" in body
+
+
+def test_bench_load_needs_a_directory():
+    """bench_load writes a 16 GB checkpoint: only under a folder the user named."""
+    env = {k: v for k, v in os.environ.items() if k != "NF4_BENCH_LOAD_DIR"}
+    run = subprocess.run([sys.executable, "-m", "bench.bench_load", "--shape", "tiny"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--dir (or NF4_BENCH_LOAD_DIR) is required" in run.stderr
