@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import nf4
+from nf4 import backends
 from bench.common import bench_ms, require_cuda, stamp, sync, table, write_section
 from nf4.testing import BENCH_SHAPES, BENCH_TOKENS
 
@@ -331,9 +332,8 @@ def run_sweep_cuda(only_tokens) -> None:
         for tokens in only_tokens or [t for t in BENCH_TOKENS if t <= 512]:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
             base = timed(lambda: F.linear(x, W))
-            sms = cb._sm_count(x.device)
-            kernel = cb.fused_kernel(tokens, out_f, x.device)
-            chosen = f"{kernel} {cb.FUSED_CONFIGS[kernel](tokens, out_f, in_f, sms)}" if kernel else "dequant None"
+            r = backends.route(x.device, x.dtype, tokens, out_f, in_f, 64)  # what matmul_4bit runs
+            chosen = f"{r.backend}:{r.kernel} {r.config}"
             results = []
             for name, cfg in sweep_cuda_configs(tokens):
                 ms = bench_ms(graphed(lambda: kernels[name](x, *args, config=cfg)))[0]
