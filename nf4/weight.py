@@ -57,6 +57,9 @@ from nf4.quant_state import QuantState
 # The dtypes a matmul input may have, and their codes in the CUDA extension (csrc/common.cuh).
 MATMUL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Routes remembered per weight: a decode step and a training step each see a few token counts;
+# variable-length batches see many, and the dictionary must not grow with a run's length.
+_MAX_ROUTES = 64
 # Bytes the kernels load at a time from x and the packed weight (the wgmma kernel's TMA copies
 # need 16); a view at another offset is copied to aligned memory.
 _ALIGN = 16
@@ -132,7 +135,11 @@ class PackedWeight:
         flat = as_uint8(packed)
         state.validate(flat)
         codebook.check_levels(state.code, state.quant_type)
-        for name, t in (("packed weight", flat), ("absmax", state.absmax)):
+        tensors = [("packed weight", flat), ("absmax", state.absmax)]
+        if state.nested:
+            tensors += [("nested_absmax", state.state2.absmax), ("nested_quant_map", state.state2.code),
+                        ("nested_offset", state.offset)]
+        for name, t in tensors:
             _check_storage(t, name)
         # Where the checked bytes came from; ``current`` compares a call's tensor with it. A
         # copy (a non-contiguous source, another storage dtype's view, a misaligned offset) has
@@ -180,6 +187,8 @@ class PackedWeight:
         key = (tokens, dtype, backends.forced())
         r = self._routes.get(key)
         if r is None:
+            if len(self._routes) >= _MAX_ROUTES:
+                self._routes.clear()
             if not self.matrix:
                 raise ValueError(f"matmul needs a 2-D weight, the quant state's shape is {list(self.shape)}")
             r = backends.route(self.device, dtype, tokens, self.out_features, self.in_features,

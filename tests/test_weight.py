@@ -11,6 +11,7 @@ import nf4
 from nf4 import backends
 from nf4.nn import Params4bit, QuantLinear4bit
 from nf4.quant_state import QuantState
+from nf4 import weight as weight_module
 from nf4.weight import PackedWeight, packed_weight
 
 from tests.conftest import DEVICE
@@ -334,3 +335,13 @@ def test_unsupported_quant_storage_is_refused(storage):
         Params4bit(torch.randn(4, 64), quant_storage=storage)
     with pytest.raises(TypeError, match="quant_storage"):
         QuantLinear4bit(IN, OUT, quant_storage=storage)
+
+
+def test_remembered_routes_stay_bounded():
+    """Variable-length batches: one route per token count, never more than _MAX_ROUTES kept."""
+    W = torch.randn(OUT, IN, device=DEVICE)
+    packed, state = nf4.quantize_4bit(W, quant_type="nf4")
+    w = packed_weight(packed, state)
+    for tokens in range(1, 3 * weight_module._MAX_ROUTES):
+        w.route(tokens, torch.float32)
+        assert len(w._routes) <= weight_module._MAX_ROUTES
