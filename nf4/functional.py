@@ -76,12 +76,10 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
     # (blocksize=64.0) into an opaque RuntimeError before its own check runs.
     ops.check_quantize_args(A, blocksize, quant_type)
     check_storage_dtype(quant_storage)
-    if check_finite and not torch.compiler.is_compiling():
-        lo, hi = torch.aminmax(A.detach())  # min/max propagate NaN; no temporary of A's size
-        if not (torch.isfinite(lo) & torch.isfinite(hi)).item():
-            bad = (~torch.isfinite(A.detach())).sum().item()
-            raise ValueError(f"cannot quantize a tensor holding NaN or Inf ({bad} of {A.numel()} values, "
-                             f"shape {list(A.shape)}): each would poison its whole block of {blocksize}")
+    if check_finite and not torch.compiler.is_compiling() and nonfinite(A).item():
+        bad = (~torch.isfinite(A.detach())).sum().item()
+        raise ValueError(f"cannot quantize a tensor holding NaN or Inf ({bad} of {A.numel()} values, "
+                         f"shape {list(A.shape)}): each would poison its whole block of {blocksize}")
     packed, am, nested, offset = torch.ops.nf4.quantize(A, blocksize, quant_type,
                                                         bool(compress_statistics))
     device = A.device
@@ -108,6 +106,13 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
                              f"{out.dtype} {list(out.shape)} on {out.device}")
         packed = out.copy_(packed)
     return packed, state
+
+
+def nonfinite(t: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor on t's device: whether the float tensor t holds NaN or Inf (no host
+    sync; aminmax reduces without a temporary the size of t, and min/max propagate NaN)."""
+    lo, hi = torch.aminmax(t.detach())
+    return ~(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _view_storage(packed: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nf4 import codebook
+from nf4.functional import nonfinite
 from nf4.loading.architectures import architecture, matches
 from nf4.loading.checkpoint import Checkpoint, TensorEntry, concrete_device, read_quant_state_json
 from nf4.loading.config_check import check_config_sizes
@@ -494,15 +495,6 @@ def load_folder(folder: Path, *, device, opts: QuantOptions, observer: Optional[
     return model
 
 
-def _nonfinite(t: torch.Tensor) -> Optional[torch.Tensor]:
-    """A 0-dim bool tensor on t's device: whether t holds NaN or Inf (no host sync; aminmax
-    reduces without a temporary the size of t, and min/max propagate NaN)."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return None
-    lo, hi = torch.aminmax(t)
-    return ~(torch.isfinite(lo) & torch.isfinite(hi))
-
-
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
@@ -546,9 +538,8 @@ def _load(model: nn.Module, plan: _Plan, quantized: dict[str, QuantLinear4bit], 
     checks: list[tuple[TensorEntry, torch.Tensor]] = []
 
     def check(entry: TensorEntry, t: torch.Tensor) -> None:
-        flag = _nonfinite(t)
-        if flag is not None:
-            checks.append((entry, flag))
+        if t.is_floating_point() and t.numel():
+            checks.append((entry, nonfinite(t)))
 
     trace_memory = device.type == "cuda" and log.isEnabledFor(logging.DEBUG)
     peak = torch.cuda.max_memory_allocated(device) if trace_memory else 0
