@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from nf4 import _C, backends, codebook
 from nf4.quant_state import num_blocks, packed_nbytes
+from nf4.weight import kernel_tensors
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _QUANT_TYPE_CODES = {"nf4": 0, "fp4": 1}
@@ -114,17 +115,6 @@ def native_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize,
                           rows, cols, _DECODE[quant_type])
 
 
-def _contiguous_args(packed, absmax, nested_absmax, nested_code, offset):
-    """The weight's tensors as the kernels read them: contiguous, packed bytes 16-byte aligned."""
-    packed = packed.contiguous()
-    if packed.data_ptr() % 16:  # the kernels read 8 bytes at a time, the wgmma kernel's TMA 16
-        packed = packed.clone()
-    if nested_absmax is None:
-        return packed, absmax.contiguous(), None, None, None
-    return (packed, absmax.contiguous(), nested_absmax.contiguous(), nested_code.contiguous(),
-            offset.reshape(1).contiguous())
-
-
 def _require_cuda(t: torch.Tensor, name: str) -> None:
     if t.device.type != "cuda":
         raise RuntimeError(f"the cuda backend needs CUDA tensors, got {name} on {t.device}")
@@ -161,7 +151,7 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Option
                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     _require_cuda(packed, "packed")
     n = math.prod(shape)
-    tensors = _contiguous_args(packed, absmax, nested_absmax, nested_code, offset)
+    tensors = kernel_tensors(packed, absmax, nested_absmax, nested_code, offset)
     native = native_weight(*tensors, blocksize, nested_blocksize, quant_type, 1, n)
     return _dequantize(native, packed.device, list(shape), dtype, out)
 
@@ -424,7 +414,7 @@ def matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nes
         config = config or routed
     elif config is None:
         config = FUSED_CONFIGS[kernel](tokens, out_features, in_features, _sm_count(A.device))
-    tensors = _contiguous_args(packed, absmax, nested_absmax, nested_code, offset)
+    tensors = kernel_tensors(packed, absmax, nested_absmax, nested_code, offset)
     if kernel == "dequant":
         W = dequantize(*tensors, blocksize, nested_blocksize, quant_type, (out_features, in_features), A.dtype)
         y = F.linear(A2, W, bias)

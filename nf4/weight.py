@@ -100,6 +100,19 @@ def eager(t: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+def kernel_tensors(packed, absmax, nested_absmax, nested_code, offset):
+    """A weight's tensors as the kernels read them: contiguous, the packed bytes 16-byte aligned
+    (the kernels read 8 bytes at a time, the wgmma kernel's TMA 16), the offset one element; the
+    nested three None without double quantization. Tensors already so are returned as they are."""
+    packed = packed.contiguous()
+    if packed.data_ptr() % _ALIGN:
+        packed = packed.clone()
+    if nested_absmax is None:
+        return packed, absmax.contiguous(), None, None, None
+    return (packed, absmax.contiguous(), nested_absmax.contiguous(), nested_code.contiguous(),
+            offset.reshape(1).contiguous())
+
+
 def _check_storage(t: torch.Tensor, name: str) -> None:
     """A tensor's memory must hold its elements: FSDP frees an unsharded parameter's storage
     (resizing it to 0 bytes) while the tensor keeps its shape, and a kernel reading it then reads
@@ -135,35 +148,28 @@ class PackedWeight:
         flat = as_uint8(packed)
         state.validate(flat)
         codebook.check_levels(state.code, state.quant_type)
-        tensors = [("packed weight", flat), ("absmax", state.absmax)]
+        s2 = state.state2
+        named = [("packed weight", flat), ("absmax", state.absmax)]
         if state.nested:
-            tensors += [("nested_absmax", state.state2.absmax), ("nested_quant_map", state.state2.code),
-                        ("nested_offset", state.offset)]
-        for name, t in tensors:
+            named += [("nested_absmax", s2.absmax), ("nested_quant_map", s2.code), ("nested_offset", state.offset)]
+        for name, t in named:
             _check_storage(t, name)
+        tensors = kernel_tensors(flat, state.absmax, *((s2.absmax, s2.code, state.offset) if state.nested
+                                                      else (None, None, None)))
+        flat = tensors[0]
         # Where the checked bytes came from; ``current`` compares a call's tensor with it. A
         # copy (a non-contiguous source, another storage dtype's view, a misaligned offset) has
         # no source: it is correct for this call only and never cached.
         self._source = (packed.data_ptr(), packed.nbytes) if flat.data_ptr() == packed.data_ptr() \
             and packed.is_contiguous() else None
-        if flat.data_ptr() % _ALIGN:
-            flat = flat.clone()
-            self._source = None
-        if state.nested:
-            s2 = state.state2
-            nested = (s2.absmax.contiguous(), s2.code.contiguous(), state.offset.reshape(1).contiguous())
-            nested_blocksize = s2.blocksize
-        else:
-            nested = (None, None, None)
-            nested_blocksize = 0
         self.shape = tuple(state.shape)
         self.matrix = len(self.shape) == 2
         rows, cols = self.shape if self.matrix else (1, math.prod(self.shape))
         self.out_features, self.in_features = rows, cols
         self.packed = flat
         self.state = state
-        self.args = (flat, state.absmax.contiguous(), *nested, state.blocksize, nested_blocksize,
-                     state.quant_type, rows, cols)
+        self.args = (*tensors, state.blocksize, s2.blocksize if state.nested else 0, state.quant_type,
+                     rows, cols)
         self.dtype = state.dtype
         self.device = flat.device
         self.device_index = flat.get_device()
