@@ -56,8 +56,8 @@ from typing import Optional
 
 import torch
 
-from nf4 import codebook
-from nf4.weight import PackedWeight, as_uint8, eager, packed_weight
+from nf4 import functional
+from nf4.weight import PackedWeight, eager, packed_weight
 
 # Whether autocast is on for any device: one call, where asking about x's device needs x.device
 # first (the layer's hot path asks on every call).
@@ -251,16 +251,9 @@ def _traced_lora_linear(x, packed, quant_state, bias, lora_A, lora_B, lora_scale
     """The layer's maths through ``torch.ops.nf4.matmul`` (whose autograd formula decodes the
     weight again for dx) and plain torch ops, for traced calls. See Note: eager and traced calls."""
     out_features, in_features = quant_state.shape
-    if quant_state.nested:
-        nested = (quant_state.state2.absmax, quant_state.state2.code, quant_state.offset)
-        nested_blocksize = quant_state.state2.blocksize
-    else:
-        nested = (None, None, None)
-        nested_blocksize = codebook.NESTED_BLOCKSIZE
     x2 = x.reshape(-1, in_features).to(compute_dtype)
     b = None if bias is None else bias.to(compute_dtype)
-    y = torch.ops.nf4.matmul(x2, as_uint8(packed), quant_state.absmax, *nested, quant_state.blocksize,
-                             nested_blocksize, quant_state.quant_type, out_features, in_features, b)
+    y = functional.matmul_4bit(x2, packed, quant_state, bias=b)  # traced: torch.ops.nf4.matmul
     if lora_A is not None:
         xd = x2 if mask is None else x2 * mask.reshape(-1, in_features)
         xa = torch.nn.functional.linear(xd, lora_A.to(compute_dtype))
