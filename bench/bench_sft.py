@@ -1,6 +1,6 @@
 """A user's TRL SFTTrainer QLoRA script on an 8B-shaped model, the bitsandbytes way and nf4's two ways.
 
-    python -m bench.bench_sft --dir DIR [--shape llama3-8b|tiny] [--steps 6] [--seq 2048]
+    python -m bench.bench_sft --dir DIR [--shape llama3-8b|tiny] [--steps 10] [--seq 2048]
                               [--setups "install(),Nf4Config,bitsandbytes"]
 
 Issue 16's GPU check. The checkpoint is bench_load's (random bf16 Llama-3-8B weights, 4 shards,
@@ -145,6 +145,7 @@ def child(setup: str, folder: str, out: str, steps: int, seq: int) -> None:
         full, times = train(model, folder, run, steps, seq, vocab, cpu)
         result["peak_gb"] = torch.cuda.max_memory_allocated() / GB if not cpu else float("nan")
         result["step_s"] = statistics.median(times[1:] or times)
+        result["step_range"] = (min(times[1:] or times), max(times[1:] or times))
         result["tokens_per_s"] = seq / result["step_s"]
         middle = max(1, steps // 2)
         want = adapters(full.model)
@@ -206,7 +207,7 @@ def report(results: list[dict], shape: str, steps: int, seq: int) -> str:
         if "error" in r:
             rows.append([r["setup"], r["error"]] + [""] * 8)
             continue
-        rows.append([r["setup"], f"{r['load_s']:.1f}", f"{1000 * r['step_s']:.0f}", f"{r['tokens_per_s']:,.0f}",
+        rows.append([r["setup"], f"{r['load_s']:.1f}", f"{1000 * r['step_s']:.0f} ({1000 * r['step_range'][0]:.0f}-{1000 * r['step_range'][1]:.0f})", f"{r['tokens_per_s']:,.0f}",
                      f"{r['peak_gb']:.2f}", r["adapter_dtype"], f"{r['resume_apart']:.2g} / {r['resume_moved']:.2g}",
                      r.get("reload_nf4", "-"), r["reload_transformers"]])
     return "\n".join([
@@ -218,7 +219,7 @@ def report(results: list[dict], shape: str, steps: int, seq: int) -> str:
         "Adapters: their dtype in the uninterrupted run and after resuming (TRL casts a quantized "
         "model's adapters to bf16 when it builds the peft model; the resumed trainer loads them from the "
         "checkpoint). Resume: ‖resumed − uninterrupted‖ over all adapters / ‖how far the resumed steps moved them‖.", "",
-        table(["setup", "load s", "step ms", "tokens/s", "peak GB", "adapters (run / resumed)", "resume apart / moved",
+        table(["setup", "load s", "step ms (min-max)", "tokens/s", "peak GB", "adapters (run / resumed)", "resume apart / moved",
                "reload: nf4 alone", "reload: transformers"], rows),
     ])
 
@@ -227,7 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, help="bench_load's checkpoint folder's parent (written if missing)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--setups", default=",".join(SETUPS))
     parser.add_argument("--child", nargs=3, metavar=("SETUP", "DIR", "OUT"), help=argparse.SUPPRESS)

@@ -254,7 +254,9 @@ def test_sft_trainer_checkpoints_resumes_and_reloads(fixtures, tmp_path, how):
         ids = torch.randint(3, 1024, (2, 16), generator=torch.Generator().manual_seed(1))
         want = logits(resumed.model, ids)
         # Reloaded by nf4 alone, and by transformers from the adapter folder: the same logits.
-        alone = peft.PeftModel.from_pretrained(nf4.from_pretrained(folder, progress=False), tmp_path / "final")
+        # On the trainer's device (use_cpu=True), not nf4's default (the GPU where there is one).
+        alone = peft.PeftModel.from_pretrained(nf4.from_pretrained(folder, device=resumed.model.device, progress=False),
+                                               tmp_path / "final")
         assert torch.equal(logits(alone, ids), want)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
