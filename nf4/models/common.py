@@ -19,7 +19,8 @@ from torch import nn
 from nf4.kernels.glu import geglu, swiglu
 from nf4.kernels.linear_cross_entropy import linear_cross_entropy
 from nf4.kernels.rms_norm import rms_norm
-from nf4.kernels.rope import apply_rope, apply_rope_
+from nf4.kernels.rope import apply_rope_  # See Note: RoPE in place
+from nf4.kernels.rope import apply_rope
 
 # Attention-interface keyword arguments a family adds to Llama's (sliding window, soft-cap).
 AttentionExtras = Callable[[nn.Module], dict]
