@@ -16,11 +16,12 @@ adapters only; embeddings, norms and ``lm_head`` stay bf16 and frozen. Setups:
     nf4 patched     "nf4" + ``nf4.models.patch`` (Triton norms, RoPE, SwiGLU, chunked lm_head +
                     cross-entropy) + ``nf4.models.checkpointing`` per layer (inputs kept on GPU)
     nf4 patched offload  the same with the checkpointed layer inputs offloaded to pinned CPU memory
-                    and the frozen input embedding table kept there (``offload_embeddings``: the
-                    step's rows are gathered on the CPU, 1.05 GB less on the GPU)
     bf16 LoRA       no quantization: the bf16 nn.Linear layers + the plain bf16 LoRA module (the
                     ceiling reference for speed)
 
+"nf4 patched offload" also keeps the frozen input embedding table in pinned CPU memory
+(``nf4.models.checkpointing.offload_embeddings``: the step's rows are gathered on the CPU and
+copied over, 1.05 GB less on the GPU).
 Weights GB: ``memory_allocated`` once the model is converted (1e9 bytes). Peak GB:
 ``max_memory_allocated`` over the training steps (weights included). tokens/s: timed steps after
 warm-up, synchronized at both ends. All setups train on the same token batch from the same seed,
