@@ -19,6 +19,7 @@ from torch import nn
 from nf4.kernels.glu import geglu, swiglu
 from nf4.kernels.linear_cross_entropy import linear_cross_entropy
 from nf4.kernels.rms_norm import rms_norm
+from nf4.kernels.rope import apply_rope_  # See Note: RoPE in place
 from nf4.kernels.rope import apply_rope
 
 # Attention-interface keyword arguments a family adds to Llama's (sliding window, soft-cap).
@@ -71,6 +72,9 @@ def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=No
                        past_key_values=None, **kwargs):
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
+    # Rows: a QuantLinear4bit called on 2-D input returns its own output, where 3-D input gets a
+    # view it made, which autograd would not let RoPE rotate in place (See Note: RoPE in place).
+    hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
     if hasattr(self, "qkv_proj"):  # Phi-3: one projection, split as transformers does
         qkv = self.qkv_proj(hidden_states)
         q_size = self.config.num_attention_heads * self.head_dim
@@ -83,9 +87,7 @@ def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=No
         q, k = self.q_norm(q), self.k_norm(k)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     cos, sin = position_embeddings
-    # Out of place: q/k are views of a custom Function's output when the projections are
-    # QuantLinear4bit (or a Qwen3 norm), and autograd forbids rotating those in place.
-    q, k = apply_rope(q, k, cos, sin)
+    q, k = (apply_rope_ if rotatable_in_place(q) and rotatable_in_place(k) else apply_rope)(q, k, cos, sin)
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, self.layer_idx)
     attention = _transformers_attention(self.config, self._nf4_eager_attention)
@@ -94,6 +96,27 @@ def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=No
                              scaling=self.scaling, **self._nf4_attention_extras(self), **kwargs)
     out = out.reshape(*input_shape, -1).contiguous()
     return self.o_proj(out), weights
+
+
+# Note: RoPE in place.
+#     q and k are rotated where they lie (``apply_rope_``): no rotated copies ([tokens, heads x
+#     head_dim] each, 16 + 4 MB a layer at 2048 tokens of Llama-3-8B, 0.5 + 0.125 GB at 64k),
+#     and nothing is lost, because nothing keeps the unrotated values: the projections save their
+#     input, not their output, and the Qwen3 q/k norms save theirs. Autograd records the rotation
+#     on the projection's output (CopySlices) and checks the version counters, so a producer that
+#     did save its output would make backward raise, never compute a wrong gradient. It forbids
+#     the rotation of a view that a custom Function returned (QuantLinear4bit's output for 3-D
+#     input, hence the 2-D input above) or one of several views an op returned (a fused q/k/v
+#     split): those are rotated into new tensors (``apply_rope``), as all of them were before.
+_DEFAULT_VIEW = torch._C._autograd.CreationMeta.DEFAULT
+
+
+def rotatable_in_place(t: torch.Tensor) -> bool:
+    """Whether autograd lets ``t`` be modified in place: outside autograd (no grad mode, or a
+    tensor that needs none), a tensor that is not a view, or a view made by an ordinary op."""
+    if not (t.requires_grad and torch.is_grad_enabled() and t._is_view()):
+        return True
+    return torch._C._autograd._get_creation_meta(t) == _DEFAULT_VIEW
 
 
 def patch_attention(model: nn.Module, class_suffix: str, extras: AttentionExtras) -> int:
