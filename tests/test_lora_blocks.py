@@ -228,6 +228,39 @@ def test_mlp_block_keeps_no_intermediate_activation():
                                      (width, rank), (width, rank), (rank, width), (hidden, rank)])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("recompute", [True, False])
+def test_mlp_block_memory_at_llama_8b_shapes(recompute):
+    """Llama-3-8B's MLP (4096 -> 14336 -> 4096), 2048 tokens, r = 16, bf16 autocast on the GPU (the
+    CUDA backend's routes): the block matches the layers (BF16_SLACK), keeps no [tokens, 14336]
+    tensor after forward when recomputing (gate and up when not; the layers keep three), and its
+    peak over forward + backward is below the layers' (See Note: what the MLP block keeps: 3
+    such buffers in backward where the layers hold 6)."""
+    tokens, hidden, width = 2048, 4096, 14336
+    module = mlp_block(hidden, width, ranks=(16,) * 3, alphas=(32.0,) * 3, compute_dtype=torch.bfloat16)
+    x = torch.randn(tokens, hidden, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    activation = tokens * width * 2
+    measured = {}
+    for name, fn in (("block", lambda x: lora_blocks.mlp(module, x, SWIGLU, recompute)),
+                     ("layers", lambda x: unfused_mlp(module, x, SWIGLU))):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(x)
+        kept = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
+        torch.autograd.grad(y, [x, *trainable(module)], torch.ones_like(y))
+        measured[name] = (kept, torch.cuda.max_memory_allocated() - before)
+        del y
+    (kept, peak), (layers_kept, layers_peak) = measured["block"], measured["layers"]
+    assert layers_kept >= 3 * activation
+    # the rest of what the block keeps: rank-16 products and bf16 copies of the adapters (~2 MB)
+    assert (2 * activation if not recompute else 0) <= kept < (2 if not recompute else 0) * activation + activation / 10
+    assert peak < layers_peak
+    check_bf16(module, lambda x: lora_blocks.mlp(module, x, SWIGLU, recompute), lambda x: unfused_mlp(module, x, SWIGLU),
+               x.detach().float(), autocast=True)
+
+
 # ------------------------------------------------------------------------------- fall-backs
 def dropout_in_training(module):
     module.gate_proj.lora_dropout = 0.1

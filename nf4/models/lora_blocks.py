@@ -38,7 +38,8 @@ Note: when a block falls back.
         tensors outside torch.compile (FakeTensors and FSDP's DTensors take the layers' traced
         path);
       - no adapter dropout while training (p > 0 draws a mask per layer; in eval it is off);
-      - no forward hooks or instance-level ``forward`` on the layers (they would be skipped), and
+      - no hooks or instance-level ``forward`` on the layers (they would be skipped; peft's
+        mixed-batch ``adapter_names`` is such a hook; global module hooks are not looked at), and
         no bias that requires a gradient;
       - one compute dtype for all three projections; in the MLP, gate/up's output width equals
         down's input width.
