@@ -147,6 +147,25 @@ def test_qkv_block_matches_the_layers_fp32(hidden, outs, tokens, ranks, alphas, 
     check_fp32(fused, lambda x: unfused_qkv(module, x), module, x)
 
 
+def test_qkv_outputs_may_be_modified_in_place():
+    """q, k, v are views made outside the Function (of 2-D outputs it allocated), so a caller may
+    rotate them in place (RoPE); the layers' own outputs, views made inside their Function, may not."""
+    module = qkv_block(16, (8, 8, 8))
+    x = torch.randn(2, 3, 16, device=DEVICE)
+
+    def rotated(x, in_place):
+        q, k, v = lora_blocks.qkv(module, x)
+        q = q.view(2, 3, 2, 4).transpose(1, 2)
+        q = q.mul_(3.0) if in_place else q * 3.0
+        return q.sum() + (k * v).sum()
+
+    params = trainable(module)
+    (_,), grads = run(lambda x: (rotated(x, True),), x, params)
+    (_,), want = run(lambda x: (rotated(x, False),), x, params)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------- bf16
 def check_bf16(module, fused, unfused, x, autocast):
     """The block's and the layers' bf16 results against the layers in fp32: BF16_SLACK."""
@@ -259,6 +278,21 @@ def test_mlp_block_memory_at_llama_8b_shapes(recompute):
     assert peak < layers_peak
     check_bf16(module, lambda x: lora_blocks.mlp(module, x, SWIGLU, recompute), lambda x: unfused_mlp(module, x, SWIGLU),
                x.detach().float(), autocast=True)
+
+
+def test_second_backward_recomputes_or_refuses():
+    """Recomputing, the graph can be run backward twice (retain_graph) with the same result; keeping
+    gate and up, backward overwrites them and a second backward is refused by autograd's version
+    check instead of reading them."""
+    module = mlp_block(40, 72)
+    x = torch.randn(5, 40, device=DEVICE, requires_grad=True)
+    y = lora_blocks.mlp(module, x, SWIGLU)
+    first = torch.autograd.grad(y.sum(), x, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], first, rtol=0, atol=0)
+    y = lora_blocks.mlp(module, x, SWIGLU, recompute=False)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x, retain_graph=True)[0], first, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y.sum(), x)
 
 
 # ------------------------------------------------------------------------------- fall-backs

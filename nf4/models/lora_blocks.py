@@ -20,8 +20,9 @@ Note: what the MLP block keeps.
     from 9 to 11 a step with checkpointing (forward, recompute, dx). The activation's backward
     then writes dgate over gate, dup over up and act(gate) * up (for the down adapter's dA)
     over dh, so backward holds 3 [tokens, intermediate] buffers where the unfused path holds 6.
-    ``recompute=False`` keeps gate and up instead (2 of the 3 tensors, no extra matmul): the
-    other trade, for the benchmark to weigh.
+    ``recompute=False`` keeps gate and up instead (2 of the 3 tensors, no extra matmul; backward
+    overwrites them, so that graph cannot be run backward twice): the other trade, for the
+    benchmark to weigh.
 
 Note: what the QKV block shares.
     q, k and v read one input: one saved x, one GEMM x [A_q; A_k; A_v]^T for the three rank-r
@@ -151,9 +152,10 @@ def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tenso
 
 def _adapter_grads(G: torch.Tensor, projections, x2: torch.Tensor, A: torch.Tensor, needs_A, ranks,
                    lora_dtypes):
-    """(dx's adapter share and the alpha it takes, [dA_i]) from G = [dY_i B_i] ([T, sum r]) and the
-    stacked A ([sum r, in]): one GEMM each. With one scaling for all (the usual case) it is the
-    GEMMs' alpha; otherwise G's column blocks are scaled first (T x sum r values)."""
+    """(alpha, [dA_i or None]) from G = [dY_i B_i] ([T, sum r]) and the stacked A ([sum r, in]):
+    dA in one GEMM, and the alpha with which ``G A`` is dx's adapter share. With one scaling for
+    all (the usual case) it is the GEMMs' alpha; otherwise G's column blocks are scaled first
+    (T x sum r values)."""
     scales = {p.scale for p in projections}
     if len(scales) == 1:
         alpha = scales.pop()
@@ -213,15 +215,20 @@ class LoraMLP(torch.autograd.Function):
         if g is None:  # See Note: what the MLP block keeps.
             g = adapted_matmul(x2, _cast(gate.bias, c), xa_g, Bg, _fresh(gate), gate.scale, c)
             u = adapted_matmul(x2, _cast(up.bias, c), xa_u, Bu, _fresh(up), up.scale, c)
-            dgate, dup = g, u              # written over the recomputed gate and up
-        else:
-            dgate, dup = torch.empty_like(g), torch.empty_like(u)  # the saved ones stay intact
+        else:  # the kernel's writes below bypass autograd's version counters: bumped here
+            for t in (g, u):
+                torch.autograd.graph.increment_version(t)
         dh = torch.addmm(g, g_d, Ad, beta=0, alpha=down.scale)             # g lends its shape
         W = _fresh(down).dequantize(c)
         dh.addmm_(dy2, W)
         del W
-        glu_backward_with_output(dh, g, u, act, dgate, dup)
-        h = dh                             # dh's buffer now holds act(gate) * up
+        # dgate and dup written over gate and up, act(gate) * up over dh. Kept (not recomputed)
+        # gate and up are overwritten too: the saved tensors cannot be freed before backward
+        # returns, and a second copy would hold 2 more [T, intermediate] buffers, as many as the
+        # layers' backward. A second backward through the same graph (retain_graph) then fails
+        # autograd's check of the saved tensors' versions instead of reading them.
+        glu_backward_with_output(dh, g, u, act, g, u)
+        dgate, dup, h = g, u, dh
         dA_down = scaled_mm(g_d.t(), h, down.scale, Ad, A_dtypes[2]) if needs[5] else None
         del h, dh, g, u
         dB_gate = scaled_mm(dgate.t(), xa_g, gate.scale, Bg, B_dtypes[0]) if needs[2] else None
