@@ -388,9 +388,9 @@ def quantized_tiny(model_type, lora_rank=4):
     return model
 
 
-def loss_and_grads(model, fused_lora):
+def loss_and_grads(model, **options):
     model = copy.deepcopy(model)
-    assert models.patch(model, fused_lora=fused_lora)
+    assert models.patch(model, **options)
     ids, labels = batch(model.config.vocab_size, shape=(2, 7))
     loss = model(input_ids=ids, labels=labels).loss
     names = graph_names(loss)
@@ -398,10 +398,11 @@ def loss_and_grads(model, fused_lora):
     return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, names
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma2"])  # SwiGLU, q/k/v biases, GeGLU
-def test_patched_model_with_blocks_matches_without(model_type):
+@pytest.mark.parametrize("model_type, recompute", [("llama", True), ("llama", False), ("qwen2", True),
+                                                   ("gemma2", True)])  # SwiGLU, q/k/v biases, GeGLU
+def test_patched_model_with_blocks_matches_without(model_type, recompute):
     model = quantized_tiny(model_type)
-    loss, grads, names = loss_and_grads(model, fused_lora=True)
+    loss, grads, names = loss_and_grads(model, fused_lora=True, recompute_mlp=recompute)
     want, want_grads, plain_names = loss_and_grads(model, fused_lora=False)
     assert {"LoraMLPBackward", "LoraQKVBackward"} <= names
     assert not {"LoraMLPBackward", "LoraQKVBackward"} & plain_names
