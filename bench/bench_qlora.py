@@ -18,7 +18,7 @@ adapters only; embeddings, norms and ``lm_head`` stay bf16 and frozen. Setups:
     nf4 patched offload  the same with the checkpointed layer inputs offloaded to pinned CPU memory
     nf4 patched unfused LoRA  "nf4 patched" with ``fused_lora=False``: one autograd call per layer
                     instead of the fused MLP and q/k/v blocks (``nf4.models.lora_blocks``)
-    nf4 patched MLP keeps gate/up  "nf4 patched" with ``recompute_mlp=False``: the MLP block keeps
+    nf4 patched MLP keeps gate+up  "nf4 patched" with ``recompute_mlp=False``: the MLP block keeps
                     gate and up for backward instead of recomputing them (two fewer 4-bit matmuls
                     a layer, 2 x intermediate values a token more in the layer's backward)
     bf16 LoRA       no quantization: the bf16 nn.Linear layers + the plain bf16 LoRA module (the
@@ -150,10 +150,10 @@ def to_plain_lora(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-PATCHED = ("nf4 patched", "nf4 patched offload", "nf4 patched unfused LoRA", "nf4 patched MLP keeps gate/up")
+PATCHED = ("nf4 patched", "nf4 patched offload", "nf4 patched unfused LoRA", "nf4 patched MLP keeps gate+up")
 # nf4.models.patch's switches per patched row (the others take its defaults).
 PATCH_OPTIONS = {"nf4 patched unfused LoRA": dict(fused_lora=False),
-                 "nf4 patched MLP keeps gate/up": dict(recompute_mlp=False)}
+                 "nf4 patched MLP keeps gate+up": dict(recompute_mlp=False)}
 
 
 def build(setup: str, shape: dict, device: torch.device) -> nn.Module:
