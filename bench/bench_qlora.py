@@ -16,6 +16,11 @@ adapters only; embeddings, norms and ``lm_head`` stay bf16 and frozen. Setups:
     nf4 patched     "nf4" + ``nf4.models.patch`` (Triton norms, RoPE, SwiGLU, chunked lm_head +
                     cross-entropy) + ``nf4.models.checkpointing`` per layer (inputs kept on GPU)
     nf4 patched offload  the same with the checkpointed layer inputs offloaded to pinned CPU memory
+    nf4 patched unfused LoRA  "nf4 patched" with ``fused_lora=False``: one autograd call per layer
+                    instead of the fused MLP and q/k/v blocks (``nf4.models.lora_blocks``)
+    nf4 patched MLP keeps gate+up  "nf4 patched" with ``recompute_mlp=False``: the MLP block keeps
+                    gate and up for backward instead of recomputing them (two fewer 4-bit matmuls
+                    a layer, 2 x intermediate values a token more in the layer's backward)
     bf16 LoRA       no quantization: the bf16 nn.Linear layers + the plain bf16 LoRA module (the
                     ceiling reference for speed)
 
@@ -153,14 +158,17 @@ def to_plain_lora(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-PATCHED = ("nf4 patched", "nf4 patched offload")
+PATCHED = ("nf4 patched", "nf4 patched offload", "nf4 patched unfused LoRA", "nf4 patched MLP keeps gate+up")
+# nf4.models.patch's switches per patched row (the others take its defaults).
+PATCH_OPTIONS = {"nf4 patched unfused LoRA": dict(fused_lora=False),
+                 "nf4 patched MLP keeps gate+up": dict(recompute_mlp=False)}
 
 
 def build(setup: str, shape: dict, device: torch.device) -> nn.Module:
     model = float_model(shape, device)
     if setup in PATCHED:
         nf4.quantize_model(model, device=device, lora_rank=RANK, lora_alpha=ALPHA, target_modules=TARGETS)
-        if not nf4_models.patch(model):
+        if not nf4_models.patch(model, **PATCH_OPTIONS.get(setup, {})):
             raise RuntimeError("nf4.models.patch did not patch the Llama benchmark model")
     elif setup == "bf16 LoRA":
         to_plain_lora(model, device)
@@ -606,6 +614,11 @@ def report(results: list[dict], tokens: int, warmup: int, steps: int, repeats: i
             goals.append(f"peak {ratio:.2f}x bnb + peft's (goal <= 0.6x: {'met' if ratio <= 0.6 else 'NOT met'})")
         if goals:
             lines += [f"Goals (issue 19), {mine}: " + "; ".join(goals) + ".", ""]
+    for other in PATCH_OPTIONS:  # what the fused LoRA blocks (and their recomputation) change
+        if other in by and "nf4 patched" in by:
+            r, o = by["nf4 patched"], by[other]
+            lines += [f"LoRA blocks: nf4 patched runs {r['tokens_per_s'] / o['tokens_per_s']:.2f}x the tokens/s "
+                      f"of {other}, peak {r['peak']:.3f} vs {o['peak']:.3f} GB.", ""]
     lines += ["Loss per step (same token batch, same seed; the first value is the quantized model "
               "before any update):", ""]
     lines += [table(["setup"] + [str(i) for i in range(len(ours["losses"]))],

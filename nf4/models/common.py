@@ -21,6 +21,7 @@ from nf4.kernels.linear_cross_entropy import linear_cross_entropy
 from nf4.kernels.rms_norm import rms_norm
 from nf4.kernels.rope import apply_rope_  # See Note: RoPE in place
 from nf4.kernels.rope import apply_rope
+from nf4.models import lora_blocks
 
 # Attention-interface keyword arguments a family adds to Llama's (sliding window, soft-cap).
 AttentionExtras = Callable[[nn.Module], dict]
@@ -81,7 +82,9 @@ def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=No
         kv_size = self.config.num_key_value_heads * self.head_dim
         q, k, v = qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
     else:
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        # One fused q/k/v block when the projections allow it (nf4.models.lora_blocks).
+        qkv = lora_blocks.qkv(self, hidden_states) if getattr(self, "_nf4_fused_lora", False) else None
+        q, k, v = qkv or (self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states))
     q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
     if getattr(self, "q_norm", None) is not None:  # Qwen3: per-head norms before RoPE
         q, k = self.q_norm(q), self.k_norm(k)
@@ -135,10 +138,18 @@ def patch_attention(model: nn.Module, class_suffix: str, extras: AttentionExtras
 
 # ------------------------------------------------------------------------------- MLP
 def _swiglu_mlp_forward(self, x):
+    if getattr(self, "_nf4_fused_lora", False):  # one fused block when the projections allow it
+        y = lora_blocks.mlp(self, x, lora_blocks.SWIGLU, self._nf4_lora_recompute)
+        if y is not None:
+            return y
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _geglu_mlp_forward(self, x):
+    if getattr(self, "_nf4_fused_lora", False):
+        y = lora_blocks.mlp(self, x, lora_blocks.GEGLU, self._nf4_lora_recompute)
+        if y is not None:
+            return y
     return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -159,6 +170,27 @@ def patch_mlp(model: nn.Module, class_suffix: str, forward: Callable) -> int:
 SWIGLU_MLP = _swiglu_mlp_forward
 GEGLU_MLP = _geglu_mlp_forward
 FUSED_SWIGLU_MLP = _fused_swiglu_mlp_forward
+
+
+# ------------------------------------------------------------------------------- LoRA blocks
+# The patched forwards that can run a fused LoRA block, and the projections the block needs.
+_BLOCK_PROJECTIONS = {_swiglu_mlp_forward: ("gate_proj", "up_proj", "down_proj"),
+                      _geglu_mlp_forward: ("gate_proj", "up_proj", "down_proj"),
+                      _attention_forward: ("q_proj", "k_proj", "v_proj")}
+
+
+def set_lora_blocks(model: nn.Module, fused: bool, recompute: bool) -> int:
+    """Turn the fused LoRA blocks (``nf4.models.lora_blocks``) on or off in every patched gated
+    MLP and attention with separate projections; ``recompute``: the MLP block rebuilds gate and up
+    in backward instead of keeping them. Returns how many modules have them on (each still falls
+    back per call when its layers do not allow it)."""
+    count = 0
+    for module in model.modules():
+        names = _BLOCK_PROJECTIONS.get(getattr(module.__dict__.get("forward"), "__func__", None))
+        if names is not None and all(hasattr(module, n) for n in names):
+            module._nf4_fused_lora, module._nf4_lora_recompute = fused, recompute
+            count += fused
+    return count
 
 
 # ------------------------------------------------------------------------------- loss
@@ -204,7 +236,7 @@ def unpatch(model: nn.Module) -> None:
     """Restore every forward this package replaced."""
     for module in model.modules():
         unpatch_module(module)
-        for attr in ("_nf4_eager_attention", "_nf4_attention_extras"):
+        for attr in ("_nf4_eager_attention", "_nf4_attention_extras", "_nf4_fused_lora", "_nf4_lora_recompute"):
             if hasattr(module, attr):
                 delattr(module, attr)
 
