@@ -348,4 +348,6 @@ def matmul(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
     y = launch(A2, dense(packed).reshape(-1), dense(absmax), dense(nested_absmax),
                dense(nested_code), dense(offset), blocksize, nested_blocksize, quant_type,
                out_features, dense(bias), cfg)
-    return y.reshape(*lead, out_features)
+    # A 2-D input gets y itself: reshape to the same shape would return a view, which autograd
+    # forbids modifying in place when it leaves a custom Function (RoPE rotates q, k in place).
+    return y if A.dim() == 2 else y.reshape(*lead, out_features)

@@ -425,7 +425,9 @@ def matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nes
         weight = _Unchecked(tensors, blocksize, nested_blocksize, quant_type, out_features, in_features)
         launch = config if len(config) == 4 else _launch_config(kernel, config)
         y = launch_matmul(weight, A2, tokens, bias, launch)
-    return y.reshape(*lead, out_features)
+    # A 2-D input gets y itself: reshape to the same shape would return a view, which autograd
+    # forbids modifying in place when it leaves a custom Function (RoPE rotates q, k in place).
+    return y if A.dim() == 2 else y.reshape(*lead, out_features)
 
 
 def fused_matmul(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,

@@ -129,3 +129,17 @@ def test_torch_compile_traces_the_scaled_gemms(dropout):
         assert a.dtype == b.dtype, name
         err = (a.float() - b.float()).abs().max().item()
         assert err <= 2**-7 * b.float().abs().max().item(), f"{name}: max difference {err:.3g}"
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_2d_output_is_not_a_view_and_can_be_changed_in_place(any_backend, tokens, dtype):
+    # A view leaving the layer's autograd Function may not be modified in place (the patched
+    # attention rotates q and k in place): every route must hand a 2-D input its own tensor.
+    layer = QuantLinear4bit.from_linear(nn.Linear(64, 96, device=DEVICE), lora_rank=2, compute_dtype=dtype)
+    x = torch.randn(tokens, 64, device=DEVICE, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert not y._is_view(), (any_backend, tokens, dtype)
+    y.mul_(2)
+    y.sum().backward()
+    assert x.grad is not None and layer.lora_A.grad is not None
