@@ -16,6 +16,8 @@ adapters only; embeddings, norms and ``lm_head`` stay bf16 and frozen. Setups:
     nf4 patched     "nf4" + ``nf4.models.patch`` (Triton norms, RoPE, SwiGLU, chunked lm_head +
                     cross-entropy) + ``nf4.models.checkpointing`` per layer (inputs kept on GPU)
     nf4 patched offload  the same with the checkpointed layer inputs offloaded to pinned CPU memory
+    nf4 patched offload embeddings  "nf4 patched" with only the embedding table offloaded (below):
+                    which of the two offloads costs the offload row its time
     nf4 patched unfused LoRA  "nf4 patched" with ``fused_lora=False``: one autograd call per layer
                     instead of the fused MLP and q/k/v blocks (``nf4.models.lora_blocks``)
     nf4 patched MLP keeps gate+up  "nf4 patched" with ``recompute_mlp=False``: the MLP block keeps
@@ -24,7 +26,7 @@ adapters only; embeddings, norms and ``lm_head`` stay bf16 and frozen. Setups:
     bf16 LoRA       no quantization: the bf16 nn.Linear layers + the plain bf16 LoRA module (the
                     ceiling reference for speed)
 
-"nf4 patched offload" also keeps the frozen input embedding table in pinned CPU memory
+Both offload rows keep the frozen input embedding table in pinned CPU memory
 (``nf4.models.checkpointing.offload_embeddings``: the step's rows are gathered on the CPU and
 copied over, 1.05 GB less on the GPU).
 Weights GB: ``memory_allocated`` once the model is converted (1e9 bytes). Peak GB:
@@ -158,7 +160,8 @@ def to_plain_lora(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-PATCHED = ("nf4 patched", "nf4 patched offload", "nf4 patched unfused LoRA", "nf4 patched MLP keeps gate+up")
+PATCHED = ("nf4 patched", "nf4 patched offload", "nf4 patched offload embeddings", "nf4 patched unfused LoRA",
+           "nf4 patched MLP keeps gate+up")
 # nf4.models.patch's switches per patched row (the others take its defaults).
 PATCH_OPTIONS = {"nf4 patched unfused LoRA": dict(fused_lora=False),
                  "nf4 patched MLP keeps gate+up": dict(recompute_mlp=False)}
@@ -256,9 +259,8 @@ def prepare(setup: str, shape: dict, device: torch.device) -> nn.Module:
     model = build(setup, shape, device)
     model.train()
     if setup in PATCHED:
-        offload = setup == "nf4 patched offload"
-        nf4_checkpointing.enable(model, offload=offload)
-        if offload and not nf4_checkpointing.offload_embeddings(model):
+        nf4_checkpointing.enable(model, offload=setup == "nf4 patched offload")
+        if "offload" in setup and not nf4_checkpointing.offload_embeddings(model):
             raise RuntimeError("the benchmark model's frozen input embeddings were not offloaded")
     else:
         _enable_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)

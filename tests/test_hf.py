@@ -257,13 +257,21 @@ def test_sft_trainer_checkpoints_resumes_and_reloads(fixtures, tmp_path, how):
         # On the trainer's device (use_cpu=True), not nf4's default (the GPU where there is one).
         alone = peft.PeftModel.from_pretrained(nf4.from_pretrained(folder, device=resumed.model.device, progress=False),
                                                tmp_path / "final")
-        assert torch.equal(logits(alone, ids), want)
+        got = logits(alone, ids)
+        assert torch.equal(got, want), (describe(alone), describe(resumed.model), (got - want).abs().max().item())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             by_transformers = AutoModelForCausalLM.from_pretrained(tmp_path / "final", quantization_config=config)
         assert torch.equal(logits(by_transformers, ids), want)
     finally:
         nf4.hf.uninstall()
+
+
+def describe(model) -> dict:
+    """Where a failed comparison's two models differ: devices and dtypes of their parameters."""
+    return {"devices": sorted({str(p.device) for p in model.parameters()}),
+            "adapters": sorted({str(p.dtype) for n, p in model.named_parameters() if "lora_" in n}),
+            "others": sorted({str(p.dtype) for n, p in model.named_parameters() if "lora_" not in n})}
 
 
 def adapter_file(checkpoint):
