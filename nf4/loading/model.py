@@ -701,19 +701,18 @@ def _attach_early(plan: _Plan, quantized: dict[str, QuantLinear4bit], done_early
     (See Note: quantizing while the model is built); returns the checkpoint names installed."""
     attached = set()
     for index, entry in enumerate(plan.entries):
-        got = done_early.pop(entry.name, None)
         module_name = plan.quantize.get(entry.name)
-        if got is None or module_name is None:
+        got = done_early.get(entry.name) if module_name is not None else None
+        w = quantized[module_name].weight if got is not None else None
+        if got is None or (w.quant_type, w.blocksize, w.compress_statistics, w.quant_storage) != \
+                (got.state.quant_type, got.state.blocksize, got.state.nested, got.packed.dtype):
             continue
-        w, state = quantized[module_name].weight, got.state
-        if (w.quant_type, w.blocksize, w.compress_statistics, w.quant_storage) != \
-                (state.quant_type, state.blocksize, state.nested, got.packed.dtype):
-            continue
-        quantized[module_name].load_quantized(got.packed, state)
+        del done_early[entry.name]
+        quantized[module_name].load_quantized(got.packed, got.state)
         checks[index] = (entry, got.nonfinite)
         attached.add(entry.name)
     if done_early:
-        log.debug("%d tensors quantized early are not quantized by the plan; read again: %s",
+        log.debug("%d tensors quantized early are not quantized by the plan as they were; read again: %s",
                   len(done_early), sorted(done_early)[:5])
         done_early.clear()
     return attached
