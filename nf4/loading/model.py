@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import importlib.util
 import logging
 import os
 import re
@@ -30,6 +29,7 @@ from nf4.functional import nonfinite
 from nf4.loading.architectures import ARCHITECTURES, architecture, matches
 from nf4.loading.checkpoint import Checkpoint, TensorEntry, concrete_device, read_quant_state_json
 from nf4.loading.config_check import check_config_sizes
+from nf4.loading import peft_dispatch
 from nf4.loading.io import stream_tensors
 from nf4.loading.resolve import resolve
 from nf4.nn import Linear4bit, QuantLinear4bit
@@ -103,13 +103,6 @@ def _new_layer(linear: nn.Linear, opts: QuantOptions, quant_type: str, blocksize
     return Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
                       compute_dtype=opts.compute_dtype, compress_statistics=double, quant_type=quant_type,
                       device="meta", blocksize=blocksize)
-
-
-def _enable_peft() -> None:
-    # peft is optional: when installed, it wraps these layers without a per-config register().
-    if importlib.util.find_spec("peft") is not None:
-        from nf4 import peft as nf4_peft  # optional dependency (imports peft)
-        nf4_peft.enable()
 
 
 def _checkpoint_compute_dtype(bnb: Optional[dict]) -> torch.dtype:
@@ -638,7 +631,9 @@ def load_folder(folder: Path, *, device, opts: QuantOptions, observer: Optional[
             raise
         n_early = _load(model, plan, quantized, device, opts, observer, bar, phases, done_early)
     with phases("peft"):
-        _enable_peft()
+        # peft wraps these layers without a per-config register(), imported before or after this
+        # load (See Note: enabling peft without importing it).
+        peft_dispatch.when_imported()
     nbytes = sum(e.nbytes for e in plan.entries)
     load = phases.spans["load"][1] - (phases.spans.get("quantize (worker)") or phases.spans["load"])[0]
     log.info("%s: %d tensors (%.2f GB) streamed and %s, %.2f GB/s from the first byte read to the "
@@ -907,5 +902,5 @@ def quantize_model(model: nn.Module, *, device=None, compute_dtype: torch.dtype 
         for name, buf in module._buffers.items():
             if buf is not None:
                 module._buffers[name] = buf.to(device)
-    _enable_peft()
+    peft_dispatch.when_imported()
     return model
