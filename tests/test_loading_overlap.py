@@ -107,7 +107,7 @@ def test_overlap_setting_is_checked(fixtures, monkeypatch):
 
 
 # ------------------------------------------------------------------------------- errors
-def test_worker_error_is_raised_as_raised(fixtures, monkeypatch):
+def test_worker_error_is_raised_as_raised(fixtures, monkeypatch, caplog):
     class Boom(RuntimeError):
         pass
 
@@ -117,6 +117,7 @@ def test_worker_error_is_raised_as_raised(fixtures, monkeypatch):
     monkeypatch.setattr(loader, "_quantize_tensor", fail)
     with pytest.raises(Boom, match="quantizing failed on the worker"):
         load(fixtures / "tiny_llama_bf16", monkeypatch, True)
+    assert "failed too" not in caplog.text  # its own error, raised once, not reported as a second one
     assert not early_threads()
 
 

@@ -4,7 +4,10 @@ The model is built with its parameters on the meta device (buffers such as rotar
 are computed for real on the CPU), the linear layers are swapped, and then every tensor streams
 from the shards into place one at a time: float weights of swapped layers are quantized on the
 target device as they arrive, pre-quantized (bitsandbytes) ones are loaded as they are.
-Everything the checkpoint says is validated against the model before a byte of data is read.
+Every header, and config.json's sizes against them, is validated before a byte of data is read;
+everything the checkpoint says is validated against the model before a byte is put in it. A
+float checkpoint's linear weights are read and quantized on a worker thread while the model is
+built (See Note: quantizing while the model is built).
 """
 from __future__ import annotations
 
@@ -26,10 +29,10 @@ from tqdm.auto import tqdm
 
 from nf4 import codebook, functional
 from nf4.functional import nonfinite
+from nf4.loading import peft_dispatch
 from nf4.loading.architectures import ARCHITECTURES, architecture, matches
 from nf4.loading.checkpoint import Checkpoint, TensorEntry, concrete_device, read_quant_state_json
 from nf4.loading.config_check import check_config_sizes
-from nf4.loading import peft_dispatch
 from nf4.loading.io import stream_tensors
 from nf4.loading.resolve import resolve
 from nf4.nn import Linear4bit, QuantLinear4bit
@@ -624,11 +627,11 @@ def load_folder(folder: Path, *, device, opts: QuantOptions, observer: Optional[
                 model = _build_meta_model(ckpt.folder)
             with phases("plan"):
                 quantized, plan = _swap_and_plan(model, ckpt, bnb, opts)
-            done_early = early.result() if early is not None else {}
         except BaseException:
             if early is not None:
                 early.stop()
             raise
+        done_early = early.result() if early is not None else {}
         n_early = _load(model, plan, quantized, device, opts, observer, bar, phases, done_early)
     with phases("peft"):
         # peft wraps these layers without a per-config register(), imported before or after this
