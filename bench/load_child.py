@@ -10,7 +10,7 @@ VARIANT is ``KIND[:STRATEGY[:THREADS]]``:
 - ``fresh:S``: the same load as a user's script runs it, ``import nf4`` then
   ``nf4.from_pretrained``: transformers is imported and CUDA initialized inside the call;
 - ``nf4-seq:S`` / ``fresh-seq:S``: the same two with ``NF4_LOAD_OVERLAP=0`` (no quantizing while
-  the model is built: nf4.loading.model);
+  the model is built: nf4.loading.model; the others set it to 1, the default on CUDA devices);
 - ``bnb``: transformers + bitsandbytes (nf4, double quant, bf16 compute);
 - ``raw``: every shard mmap'd, ``torch.frombuffer``, copied to the device in 256 MB chunks;
 - ``stream:S``: the tensors to the device through nf4's I/O pipeline only.
@@ -104,8 +104,9 @@ def main(variant: str, folder: str, probe_out: str, spawned: float) -> None:
     strategy, _, threads = rest.partition(":")
     if kind not in KINDS:
         raise ValueError(f"unknown variant {variant!r}: the kind must be one of {KINDS}")
-    if kind.endswith("-seq"):
-        os.environ["NF4_LOAD_OVERLAP"] = "0"
+    # On for nf4 and fresh on any device (the default, auto, turns it on for CUDA devices only), so
+    # that a CPU run shows it too; off for the -seq kinds.
+    os.environ["NF4_LOAD_OVERLAP"] = "0" if kind.endswith("-seq") else "1"
     if strategy:
         os.environ["NF4_LOAD_IO"] = strategy
     with clock("import torch"):

@@ -100,10 +100,15 @@ def test_overlap_off_for_unknown_architectures_and_observers(fixtures, monkeypat
     assert len(seen) == PROJECTIONS and "quantize (worker)" not in model.nf4_load_phases
 
 
-def test_overlap_setting_is_checked(fixtures, monkeypatch):
+def test_overlap_setting(fixtures, monkeypatch):
     monkeypatch.setenv(loader.OVERLAP_ENV, "yes")
-    with pytest.raises(ValueError, match="NF4_LOAD_OVERLAP must be 0 or 1, got 'yes'"):
+    with pytest.raises(ValueError, match="NF4_LOAD_OVERLAP must be auto, 0 or 1, got 'yes'"):
         from_pretrained(fixtures / "tiny_llama_bf16", device="cpu", progress=False)
+    monkeypatch.delenv(loader.OVERLAP_ENV)
+    # auto: CUDA devices only (the CPU's quantization competes with the import for the cores).
+    assert "quantize (worker)" not in from_pretrained(fixtures / "tiny_llama_bf16", device="cpu",
+                                                      progress=False).nf4_load_phases
+    assert loader._overlap_enabled(torch.device("cuda", 0)) and not loader._overlap_enabled(torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------- errors

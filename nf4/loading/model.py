@@ -48,7 +48,8 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Called for each quantized layer with (module name, module, float weight) while the float
 # weight is still on the device (the CLI measures each layer's error this way).
 Observer = Callable[[str, nn.Module, torch.Tensor], None]
-# "0" turns off quantizing while the model is built (See Note: quantizing while the model is built).
+# auto (CUDA devices only), 1 or 0: quantizing while the model is built (See Note: quantizing
+# while the model is built).
 OVERLAP_ENV = "NF4_LOAD_OVERLAP"
 
 
@@ -495,14 +496,22 @@ class LoadPhases:
 #     peak device memory stays within final + the largest tensor (plus any results the plan drops:
 #     none for the table's architectures). It runs on the caller's device and CUDA stream, and
 #     waits for its queued work before it returns.
-#     Off with an observer (the CLI needs each layer with its float weight), for bitsandbytes
-#     checkpoints (nothing to quantize), for model types outside the table, and with
-#     NF4_LOAD_OVERLAP=0.
-def _overlap_enabled() -> bool:
-    value = os.environ.get(OVERLAP_ENV, "1").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"{OVERLAP_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
+#     Where: on CUDA devices (NF4_LOAD_OVERLAP=auto, the default), where the worker mostly waits
+#     for the page cache, the copy engine and the kernels, with the GIL released. Not on the CPU
+#     unless NF4_LOAD_OVERLAP=1: there the worker's quantization needs the cores the import needs
+#     (2-core development VM, 0.3 GB Llama, fresh process: 8.41 s with, 6.46 s without). Nor with
+#     an observer (the CLI needs each layer with its float weight), for bitsandbytes checkpoints
+#     (nothing to quantize), for model types outside the table, or with NF4_LOAD_OVERLAP=0.
+#     The GIL: the worker's threads take it back after each blocking call, which a thread running
+#     Python (an import) may make wait up to the 5 ms switch interval; a simulated worker of 1,920
+#     such calls (0.57 s alone) took 1.5-1.8 s beside `import transformers` (2.9-4.3 s) on the
+#     VM, so it progresses at about a third of its speed during an import and at full speed
+#     after. The switch interval is left alone: it is the whole process's (0.5 ms gave 1.3 s).
+def _overlap_enabled(device: torch.device) -> bool:
+    value = os.environ.get(OVERLAP_ENV, "auto").strip()
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"{OVERLAP_ENV} must be auto, 0 or 1, got {value!r}")
+    return value == "1" or (value == "auto" and device.type == "cuda")
 
 
 def _early_entries(ckpt: Checkpoint, opts: QuantOptions) -> list[TensorEntry]:
@@ -617,7 +626,8 @@ def load_folder(folder: Path, *, device, opts: QuantOptions, observer: Optional[
         bnb = _bnb_config(ckpt.config)
         if opts.compute_dtype is None:
             opts = dataclasses.replace(opts, compute_dtype=_checkpoint_compute_dtype(bnb))
-    early_entries = _early_entries(ckpt, opts) if bnb is None and observer is None and _overlap_enabled() else []
+    overlap = bnb is None and observer is None and _overlap_enabled(device)
+    early_entries = _early_entries(ckpt, opts) if overlap else []
     with tqdm(total=sum(e.nbytes for e in early_entries), unit="B", unit_scale=True, unit_divisor=1024,
               desc="nf4: loading", disable=None if progress else True) as bar:
         # Only the worker touches the bar until it is joined.
