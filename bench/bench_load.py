@@ -238,11 +238,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.dir is None:
         parser.error(f"--dir (or {DIR_ENV}) is required: the {args.shape} checkpoint is written there")
-    began = time.perf_counter()
-    names = _shapes(args.shape)
-    ckpt = prepare(args, names)
-    if args.prepare:
-        return
     cuda = torch.cuda.is_available()
     loaders = [v for v in LOADERS if v != "bnb"]
     if importlib.util.find_spec("bitsandbytes") is None or not cuda:
@@ -260,6 +255,11 @@ def main() -> None:
         loaders = [v for v in loaders if v in args.only]
         diagnostics = [v for v in diagnostics if v in args.only]
 
+    began = time.perf_counter()
+    names = _shapes(args.shape)
+    ckpt = prepare(args, names)
+    if args.prepare:
+        return
     results: dict[tuple[str, str], list[dict]] = {}
     skipped: list[str] = []
     longest = {"warm": 0.0, "cold": 0.0}  # seconds of the longest child so far, process start included
