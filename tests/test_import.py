@@ -56,6 +56,9 @@ import nf4
 from nf4.loading import peft_dispatch
 model = nf4.from_pretrained(sys.argv[1], device="cpu", progress=False)
 state = {"peft imported by the load": "peft" in sys.modules, "waiting": peft_dispatch.waiting()}
+import importlib.util
+importlib.util.find_spec("peft")  # as transformers' is_peft_available() asks: imports nothing
+state["waiting after find_spec"] = peft_dispatch.waiting() and "peft" not in sys.modules
 import peft
 import nf4.peft
 state.update({"enabled": nf4.peft.enabled(), "waiting after": peft_dispatch.waiting(),
@@ -89,8 +92,8 @@ def test_a_load_leaves_peft_alone_until_it_is_imported(fixtures):
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
     state = _child(LOAD_THEN_PEFT, fixtures / "tiny_llama_bf16")
-    assert state == {"peft imported by the load": False, "waiting": True, "enabled": True,
-                     "waiting after": False, "peft's loader": "SourceFileLoader/SourceFileLoader",
+    assert state == {"peft imported by the load": False, "waiting": True, "waiting after find_spec": True,
+                     "enabled": True, "waiting after": False, "peft's loader": "SourceFileLoader/SourceFileLoader",
                      "q_proj": "LoraQuantLinear4bit"}
 
 

@@ -7,9 +7,9 @@ Note: enabling peft without importing it.
     bitsandbytes is installed, which peft imports at ``import peft`` (``peft.helpers``: bnb loads
     its CUDA library and Triton). So ``when_imported`` enables at once when peft is already imported
     (nothing to pay), and otherwise puts a finder at the front of ``sys.meta_path`` that waits for
-    ``import peft``: it lets the usual finders find peft, and its loader runs peft's own loader and
-    then ``enable()``, then hands peft's module its own loader back. The finder takes itself out of
-    ``sys.meta_path`` at the first ``import peft``, whatever happens then.
+    ``import peft``: it lets the finders after it find peft, and its loader runs peft's own loader,
+    hands peft's module that loader back, takes the finder out of ``sys.meta_path`` and enables.
+    A ``find_spec("peft")`` that imports nothing (transformers asks it) leaves the finder waiting.
 """
 from __future__ import annotations
 
@@ -47,18 +47,26 @@ class _EnablingLoader(importlib.abc.Loader):
         module.__loader__ = self.loader
         if module.__spec__ is not None:
             module.__spec__.loader = self.loader
+        _remove()
         _enable()
 
 
 class _PeftFinder(importlib.abc.MetaPathFinder):
+    """Finds peft with the finders after it and wraps its loader. It stays in ``sys.meta_path``
+    until peft's module has run: a mere ``importlib.util.find_spec("peft")`` (transformers'
+    ``is_peft_available``) asks it too, and imports nothing."""
+
     def find_spec(self, fullname, path, target=None):
         if fullname != PEFT:
             return None
-        _remove()
-        spec = importlib.util.find_spec(PEFT)  # the other finders' answer: this one is gone now
-        if spec is not None and spec.loader is not None:
-            spec.loader = _EnablingLoader(spec.loader)
-        return spec
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None) if finder is not self else None
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _EnablingLoader(spec.loader)
+                return spec
+        return None
 
 
 _finder = _PeftFinder()
