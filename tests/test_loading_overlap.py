@@ -220,3 +220,13 @@ def test_overlap_on_the_gpu_loads_the_sequential_bytes(fixtures, monkeypatch):
     early = load(fixtures / "tiny_llama_bf16", monkeypatch, True, device="cuda")
     assert "quantize (worker)" in early.nf4_load_phases
     assert_same_state(early, load(fixtures / "tiny_llama_bf16", monkeypatch, False, device="cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.is_initialized(), reason="CUDA already initialized in this process")
+def test_cuda_device_named_without_creating_a_context():
+    """The worker creates the CUDA context (in a fresh process, while transformers imports): naming
+    the device must not; before any context no thread has picked a device other than 0."""
+    assert loader._load_device("cuda") == torch.device("cuda", 0)
+    assert loader._load_device("cuda:1") == torch.device("cuda", 1)
+    assert loader._load_device("cpu") == torch.device("cpu")
+    assert not torch.cuda.is_initialized()
