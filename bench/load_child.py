@@ -121,7 +121,8 @@ def main(variant: str, folder: str, probe_out: str, spawned: float) -> None:
             transformers.LlamaForCausalLM  # the lazy module import, outside the clock for every loader
     if threads:
         importlib.import_module("nf4.loading.io").READER_THREADS = int(threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with clock("torch.cuda.is_available"):  # the driver, not yet a context
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not kind.startswith("fresh"):
         with clock("CUDA init"):
             torch.zeros(1, device=device)  # the context before the timed call
