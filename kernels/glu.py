@@ -69,16 +69,21 @@ def _glu_forward_kernel(gate_ptr, up_ptr, out_ptr, n_rows, width, gate_stride, u
 @triton.jit
 def _glu_backward_kernel(dout_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_rows, width, dout_stride,
                          gate_stride, up_stride, dgate_stride, dup_stride,
-                         ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                         ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                         STORE_OUT: tl.constexpr):  # also write act(gate) * up over dout
     row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
     cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
     mask = (row < n_rows) & (cols < width)
     do = tl.load(dout_ptr + row * dout_stride + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + row * gate_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * up_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    a = _act(g, ACT)
+    # Each element is loaded before it is stored, by the same program: the outputs may alias the
+    # inputs element for element (see glu_backward_with_output).
     tl.store(dgate_ptr + row * dgate_stride + cols, (do * u * _act_grad(g, ACT)).to(dgate_ptr.dtype.element_ty), mask=mask)
-    tl.store(dup_ptr + row * dup_stride + cols, (do * _act(g, ACT)).to(dup_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(dup_ptr + row * dup_stride + cols, (do * a).to(dup_ptr.dtype.element_ty), mask=mask)
+    if STORE_OUT:
+        tl.store(dout_ptr + row * dout_stride + cols, (a * u).to(dout_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -121,8 +126,32 @@ def glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: 
         grid, rows, block = _tiles(gate, *g2.shape)
         _glu_backward_kernel[grid](d2, g2, u2, dgate.view(g2.shape), dup.view(u2.shape), g2.shape[0], width,
                                    d2.stride(0), g2.stride(0), u2.stride(0), width, width,
-                                   ACT=act, ROWS=rows, BLOCK=block, num_warps=4)
+                                   ACT=act, ROWS=rows, BLOCK=block, STORE_OUT=False, num_warps=4)
     return dgate, dup
+
+
+def glu_backward_with_output(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: int,
+                             dgate: torch.Tensor, dup: torch.Tensor) -> None:
+    """The backward of ``act(gate) * up`` for a caller that also needs that output again (the
+    fused LoRA MLP: its down adapter's dA reads it, and it was not kept), in one pass: dgate and
+    dup into the given buffers, and the output ``act(gate) * up`` over ``dout``.
+
+    All five: [rows, width] (any leading dimensions), one dtype, one device, contiguous.
+    ``dgate`` may be ``gate`` and ``dup`` may be ``up`` (in place: each element is read before it
+    is written, by the same program): three [rows, width] buffers where ``glu_backward`` plus
+    ``glu_forward`` take five and two passes.
+    """
+    for name, t in (("dout", dout), ("gate", gate), ("up", up), ("dgate", dgate), ("dup", dup)):
+        if t.shape != gate.shape or t.dtype != gate.dtype or t.device != gate.device or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous {gate.dtype} {list(gate.shape)} on {gate.device}, "
+                             f"got {'' if t.is_contiguous() else 'non-contiguous '}{t.dtype} {list(t.shape)} "
+                             f"on {t.device}")
+    if gate.numel():
+        d2, g2, u2 = _rows(dout), _rows(gate), _rows(up)
+        width = g2.shape[1]
+        grid, rows, block = _tiles(gate, *g2.shape)
+        _glu_backward_kernel[grid](d2, g2, u2, _rows(dgate), _rows(dup), g2.shape[0], width, width, width, width,
+                                   width, width, ACT=act, ROWS=rows, BLOCK=block, STORE_OUT=True, num_warps=4)
 
 
 class GLUFunction(torch.autograd.Function):

@@ -15,10 +15,10 @@ q is [batch, q_heads, seq, head_dim] and k [batch, kv_heads, seq, head_dim], any
 unit stride along head_dim (the usual ``view(...).transpose(1, 2)`` of a projection). One program
 handles (batch, position) pairs for every head, loading cos/sin once a pair.
 
-The patched models use ``apply_rope``: with QuantLinear4bit projections q and k are views of a
-custom Function's output, which autograd does not let another Function modify in place. Sums and
-products are float32; the result is rounded once (transformers rounds cos/sin-products in the
-input dtype, two more roundings in bf16).
+The patched models use ``apply_rope_`` (See Note: RoPE in place, in nf4/models/common.py) and
+fall back to ``apply_rope`` for q and k that autograd does not let another Function modify in
+place (views that a custom Function returned). Sums and products are float32; the result is
+rounded once (transformers rounds cos/sin-products in the input dtype, two more roundings in bf16).
 """
 from __future__ import annotations
 

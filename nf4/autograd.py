@@ -91,7 +91,7 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
 
 
-def _scaled_mm(a, b, alpha, like, out_dtype):
+def scaled_mm(a, b, alpha, like, out_dtype):
     """``alpha * (a @ b)`` as ``out_dtype``: one GEMM, alpha applied to the fp32 accumulator.
 
     ``like`` is any tensor of a's dtype with the result's shape: with ``beta=0`` addmm ignores its
@@ -123,27 +123,41 @@ def _lora_forward(x, bias, lora_A, lora_B, mask, weight: PackedWeight, lora_scal
         B = lora_B if lora_B.dtype == compute_dtype else lora_B.to(compute_dtype)
         xd = x2 if mask is None else x2 * mask.reshape(-1, in_features)
         xa = torch.nn.functional.linear(xd, A)                           # [T, r]
+    y = adapted_matmul(x2, b, xa, B, weight, lora_scale, compute_dtype)
+    if y.dtype != out_dtype:
+        y = y.to(out_dtype)
+    return (y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)), xd, xa, A, B
+
+
+def adapted_matmul(x2: torch.Tensor, b: Optional[torch.Tensor], xa: Optional[torch.Tensor],
+                   B: Optional[torch.Tensor], weight: PackedWeight, lora_scale: float,
+                   compute_dtype: torch.dtype) -> torch.Tensor:
+    """``x2 W^T + b + lora_scale * xa B^T`` as [tokens, out] in ``compute_dtype``, without autograd:
+    the base product by the weight's route, the adapter's rank-r GEMM in the same output buffer.
+
+    x2: [tokens, in], b: [out] or None, xa: [tokens, r] (``x A^T``, any strides) and B: [out, r]
+    or both None, all already in ``compute_dtype``. The layer's forward and the fused LoRA blocks
+    (``nf4.models.lora_blocks``, which recompute projections in backward) share it.
+    """
+    tokens, out_features = x2.shape[0], weight.out_features
     # See Note: scaling in the GEMMs.
     r = weight.route(tokens, compute_dtype) if tokens else None
     if r is not None and r.kernel != "dequant":
         y = weight.matmul(x2, b, r)
-        if A is not None:
+        if xa is not None:
             y.addmm_(xa, B.t(), alpha=lora_scale)
-    else:
-        W = weight.dequantize(compute_dtype)
-        if A is not None:
-            # See Note: one pass over the output.
-            if b is not None:
-                y = torch.addmm(b, xa, B.t(), alpha=lora_scale)
-            else:
-                y = torch.addmm(x2.new_empty((tokens, out_features)), xa, B.t(), beta=0, alpha=lora_scale)
-            y.addmm_(x2, W.t())
+        return y
+    W = weight.dequantize(compute_dtype)
+    if xa is not None:
+        # See Note: one pass over the output.
+        if b is not None:
+            y = torch.addmm(b, xa, B.t(), alpha=lora_scale)
         else:
-            y = torch.nn.functional.linear(x2, W, b)
-        del W
-    if y.dtype != out_dtype:
-        y = y.to(out_dtype)
-    return (y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)), xd, xa, A, B
+            y = torch.addmm(x2.new_empty((tokens, out_features)), xa, B.t(), beta=0, alpha=lora_scale)
+        y.addmm_(x2, W.t())
+    else:
+        y = torch.nn.functional.linear(x2, W, b)
+    return y
 
 
 class QuantLoraLinear(torch.autograd.Function):
@@ -187,9 +201,9 @@ class QuantLoraLinear(torch.autograd.Function):
         if A is not None:
             g = dy2 @ B                                                   # [T, r]
             if needs[2]:
-                dB = _scaled_mm(dy2.t(), xa, lora_scale, B, lora_dtype)
+                dB = scaled_mm(dy2.t(), xa, lora_scale, B, lora_dtype)
             if needs[1]:
-                dA = _scaled_mm(g.t(), xd, lora_scale, A, lora_dtype)
+                dA = scaled_mm(g.t(), xd, lora_scale, A, lora_dtype)
         if needs[0]:
             if not weight.current(ctx.source):
                 # Its memory changed since forward (FSDP gathers the weight again for backward):

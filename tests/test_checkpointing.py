@@ -73,3 +73,35 @@ def test_offload_keeps_layer_inputs_on_the_host():
         checkpointing._CheckpointedLayer.forward = staticmethod(original)
     assert len(saved) == model.config.num_hidden_layers
     assert saved == [("cpu", True)] * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_offloaded_embeddings_give_the_same_loss_and_gradients(device):
+    ref = tiny_model("llama").to(device)
+    ref.train()
+    ref.model.embed_tokens.weight.requires_grad_(False)  # QLoRA: the table is frozen
+    model = copy.deepcopy(ref)
+    assert checkpointing.offload_embeddings(model)
+    assert checkpointing.offload_embeddings(model)  # a second call changes nothing
+    table = model.model.embed_tokens.weight
+    assert table.device.type == "cpu" and (device == "cpu" or table.is_pinned())
+    ids, labels = (t.to(device) for t in batch(ref.config.vocab_size))
+    want_loss, want = loss_and_grads(ref, ids, labels)
+    got_loss, got = loss_and_grads(model, ids, labels)
+    assert torch.equal(got_loss, want_loss)  # the same rows: the same bits downstream
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    checkpointing.restore_embeddings(model)
+    assert model.model.embed_tokens.weight.device == ref.model.embed_tokens.weight.device
+    assert "forward" not in vars(model.model.embed_tokens)
+
+
+def test_trainable_or_tied_embeddings_stay():
+    model = tiny_model("llama")
+    assert not checkpointing.offload_embeddings(model)  # trains: its gradient is computed here
+    tied = tiny_model("llama")
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    tied.model.embed_tokens.weight.requires_grad_(False)
+    assert not checkpointing.offload_embeddings(tied)  # lm_head would move with it
+    assert "forward" not in vars(tied.model.embed_tokens)

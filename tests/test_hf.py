@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import nf4  # noqa: E402
+import nf4.backends  # noqa: E402
 import nf4.hf  # noqa: E402
 from nf4.nn import Linear4bit, Params4bit  # noqa: E402
 from nf4.peft import LoraQuantLinear4bit  # noqa: E402
@@ -253,7 +254,9 @@ def test_sft_trainer_checkpoints_resumes_and_reloads(fixtures, tmp_path, how):
         ids = torch.randint(3, 1024, (2, 16), generator=torch.Generator().manual_seed(1))
         want = logits(resumed.model, ids)
         # Reloaded by nf4 alone, and by transformers from the adapter folder: the same logits.
-        alone = peft.PeftModel.from_pretrained(nf4.from_pretrained(folder, progress=False), tmp_path / "final")
+        # On the trainer's device (use_cpu=True), not nf4's default (the GPU where there is one).
+        alone = peft.PeftModel.from_pretrained(nf4.from_pretrained(folder, device=resumed.model.device, progress=False),
+                                               tmp_path / "final")
         assert torch.equal(logits(alone, ids), want)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -292,3 +295,37 @@ def test_bnb_checkpoint_logits_gpu(fixtures):
 
 def load_gpu(folder, config):
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
+@pytest.mark.parametrize("tokens", [16, 2048])
+def test_bnb_folder_against_live_bitsandbytes_gpu(fixtures, tokens):
+    """The bnb-4bit fixture loaded twice in one process: by transformers + bitsandbytes, and by
+    transformers + nf4 (install()). Every layer decodes to the same bits (exact). Logits: bnb
+    0.50.2 runs its own fused kernel up to 1536 tokens and dequantize + F.linear above; nf4 runs
+    its route (printed). Where both decode then call cuBLAS the logits are the same bits; where
+    either runs a fused kernel only the summation order differs (LOGITS_ATOL's bound)."""
+    import bitsandbytes
+
+    folder = fixtures / "tiny_llama_bnb4"
+    theirs = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda")
+    nf4.hf.install()
+    try:
+        ours = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda")
+    finally:
+        nf4.hf.uninstall()
+    pairs = [(n, m, dict(ours.named_modules())[n]) for n, m in theirs.named_modules()
+             if isinstance(m, bitsandbytes.nn.Linear4bit)]
+    assert len(pairs) == LINEARS
+    for name, a, b in pairs:
+        want = bitsandbytes.functional.dequantize_4bit(a.weight.data, a.weight.quant_state)
+        assert torch.equal(nf4.dequantize_4bit(b.weight, b.weight.quant_state), want), name
+    ids = torch.randint(3, 1024, (1, tokens), generator=torch.Generator().manual_seed(2))
+    got, ref = logits(ours, ids).float(), logits(theirs, ids).float()
+    layer = pairs[0][2]
+    route = nf4.backends.route(torch.device("cuda"), torch.bfloat16, tokens,
+                               layer.out_features, layer.in_features, layer.weight.quant_state.blocksize)
+    print(f"\n{tokens} tokens: nf4 route {route.kernel}, bnb {'fused' if tokens <= 1536 else 'dequant + F.linear'}: "
+          f"max |nf4 - bnb| {(got - ref).abs().max().item():.4g}, bit-identical {torch.equal(got, ref)}")
+    torch.testing.assert_close(got, ref, atol=LOGITS_ATOL, rtol=0)

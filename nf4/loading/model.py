@@ -859,8 +859,9 @@ def from_pretrained(name_or_path, *, device=None, compute_dtype: Optional[torch.
     the file and tensor); non-finite weights are refused.
 
     ``patch=True`` applies ``nf4.models.patch`` after loading: Triton kernels for the norms, RoPE,
-    MLP activation and a loss that never builds the full logits (llama, mistral, qwen2, qwen3,
-    gemma2, phi3; other types load unpatched with one log line). Off by default until it is
+    MLP activation and a loss that never builds the full logits, and fused LoRA blocks for the
+    gated MLPs and q/k/v projections (llama, mistral, qwen2, qwen3, gemma2, phi3; other types load
+    unpatched with one log line). Off by default until it is
     proven on the GPU benchmark (``bench/bench_qlora.py``).
     """
     if not isinstance(patch, bool):

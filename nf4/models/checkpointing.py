@@ -11,7 +11,12 @@ start of the layer's backward.
     nf4.models.checkpointing.disable(model)
 
 The layer's other arguments (mask, position embeddings) are kept by reference, as transformers'
-checkpointing keeps them. Dropout inside a layer is not replayed with the same random state:
+checkpointing keeps them.
+
+A frozen input embedding table can live in pinned host memory too (``offload_embeddings``): the
+lookup gathers the batch's rows on the CPU and only those travel to the GPU (16 MB at 2048 tokens
+x 4096 in bf16, ~1 ms of copy), instead of the whole table staying resident (1.05 GB for
+Llama-3's 128,256 x 4096: a sixth of a QLoRA 8B model's GPU memory). Dropout inside a layer is not replayed with the same random state:
 use it with dropout 0 (the default of every supported family and of QLoRA recipes' base model).
 """
 from __future__ import annotations
@@ -20,6 +25,7 @@ import types
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -120,3 +126,50 @@ def disable(model: nn.Module) -> None:
             layer.forward = layer._nf4_unchecked_forward
             for attr in ("_nf4_unchecked_forward", "_nf4_offload", "_nf4_offload_stream", "_nf4_anchor"):
                 delattr(layer, attr)
+
+
+# ------------------------------------------------------------------------------- embeddings
+def _host_embedding_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    ids = input_ids.to("cpu")
+    device = self._nf4_device
+    if device.type == "cpu":
+        return F.embedding(ids, self.weight, self.padding_idx)
+    # Gathered straight into pinned memory, so the copy to the GPU is asynchronous (the caching
+    # host allocator keeps the buffer until the copy has read it).
+    rows = torch.empty((*ids.shape, self.weight.shape[1]), dtype=self.weight.dtype, pin_memory=True)
+    torch.index_select(self.weight, 0, ids.reshape(-1), out=rows.view(-1, self.weight.shape[1]))
+    return rows.to(device, non_blocking=True)
+
+
+def offload_embeddings(model: nn.Module) -> bool:
+    """Keep ``model``'s input embedding table in (pinned) host memory and look tokens up there;
+    the embeddings come out on the device the table was on. Only a frozen ``nn.Embedding`` not
+    shared with the output layer (tied embeddings would move ``lm_head`` too), without max_norm
+    (which would write to the table) qualifies; returns whether it was offloaded. Moving the model
+    afterwards (``.to``/``.cuda()``) moves the table as any parameter; ``restore_embeddings`` puts it
+    back on its device and restores the forward."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if type(emb) is not nn.Embedding or emb.weight.requires_grad or emb.max_norm is not None:
+        return False
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is emb.weight:
+        return False
+    if hasattr(emb, "_nf4_device"):
+        return True
+    emb._nf4_device = emb.weight.device
+    if emb.weight.is_cuda:
+        emb.weight.data = emb.weight.data.to("cpu").pin_memory()
+    emb._nf4_embedding_forward = vars(emb).get("forward")  # an instance's own forward, if any
+    emb.forward = types.MethodType(_host_embedding_forward, emb)
+    return True
+
+
+def restore_embeddings(model: nn.Module) -> None:
+    emb = model.get_input_embeddings()
+    if hasattr(emb, "_nf4_device"):
+        emb.weight.data = emb.weight.data.to(emb._nf4_device)
+        if emb._nf4_embedding_forward is None:
+            del emb.forward  # the class's forward again
+        else:
+            emb.forward = emb._nf4_embedding_forward
+        del emb._nf4_device, emb._nf4_embedding_forward

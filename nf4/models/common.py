@@ -19,7 +19,9 @@ from torch import nn
 from nf4.kernels.glu import geglu, swiglu
 from nf4.kernels.linear_cross_entropy import linear_cross_entropy
 from nf4.kernels.rms_norm import rms_norm
+from nf4.kernels.rope import apply_rope_  # See Note: RoPE in place
 from nf4.kernels.rope import apply_rope
+from nf4.models import lora_blocks
 
 # Attention-interface keyword arguments a family adds to Llama's (sliding window, soft-cap).
 AttentionExtras = Callable[[nn.Module], dict]
@@ -71,21 +73,24 @@ def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=No
                        past_key_values=None, **kwargs):
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
+    # Rows: a QuantLinear4bit called on 2-D input returns its own output, where 3-D input gets a
+    # view it made, which autograd would not let RoPE rotate in place (See Note: RoPE in place).
+    hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
     if hasattr(self, "qkv_proj"):  # Phi-3: one projection, split as transformers does
         qkv = self.qkv_proj(hidden_states)
         q_size = self.config.num_attention_heads * self.head_dim
         kv_size = self.config.num_key_value_heads * self.head_dim
         q, k, v = qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
     else:
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        # One fused q/k/v block when the projections allow it (nf4.models.lora_blocks).
+        qkv = lora_blocks.qkv(self, hidden_states) if getattr(self, "_nf4_fused_lora", False) else None
+        q, k, v = qkv or (self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states))
     q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
     if getattr(self, "q_norm", None) is not None:  # Qwen3: per-head norms before RoPE
         q, k = self.q_norm(q), self.k_norm(k)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     cos, sin = position_embeddings
-    # Out of place: q/k are views of a custom Function's output when the projections are
-    # QuantLinear4bit (or a Qwen3 norm), and autograd forbids rotating those in place.
-    q, k = apply_rope(q, k, cos, sin)
+    q, k = (apply_rope_ if rotatable_in_place(q) and rotatable_in_place(k) else apply_rope)(q, k, cos, sin)
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, self.layer_idx)
     attention = _transformers_attention(self.config, self._nf4_eager_attention)
@@ -94,6 +99,27 @@ def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=No
                              scaling=self.scaling, **self._nf4_attention_extras(self), **kwargs)
     out = out.reshape(*input_shape, -1).contiguous()
     return self.o_proj(out), weights
+
+
+# Note: RoPE in place.
+#     q and k are rotated where they lie (``apply_rope_``): no rotated copies ([tokens, heads x
+#     head_dim] each, 16 + 4 MB a layer at 2048 tokens of Llama-3-8B, 0.5 + 0.125 GB at 64k),
+#     and nothing is lost, because nothing keeps the unrotated values: the projections save their
+#     input, not their output, and the Qwen3 q/k norms save theirs. Autograd records the rotation
+#     on the projection's output (CopySlices) and checks the version counters, so a producer that
+#     did save its output would make backward raise, never compute a wrong gradient. It forbids
+#     the rotation of a view that a custom Function returned (QuantLinear4bit's output for 3-D
+#     input, hence the 2-D input above) or one of several views an op returned (a fused q/k/v
+#     split): those are rotated into new tensors (``apply_rope``), as all of them were before.
+_DEFAULT_VIEW = torch._C._autograd.CreationMeta.DEFAULT
+
+
+def rotatable_in_place(t: torch.Tensor) -> bool:
+    """Whether autograd lets ``t`` be modified in place: outside autograd (no grad mode, or a
+    tensor that needs none), a tensor that is not a view, or a view made by an ordinary op."""
+    if not (t.requires_grad and torch.is_grad_enabled() and t._is_view()):
+        return True
+    return torch._C._autograd._get_creation_meta(t) == _DEFAULT_VIEW
 
 
 def patch_attention(model: nn.Module, class_suffix: str, extras: AttentionExtras) -> int:
@@ -112,10 +138,18 @@ def patch_attention(model: nn.Module, class_suffix: str, extras: AttentionExtras
 
 # ------------------------------------------------------------------------------- MLP
 def _swiglu_mlp_forward(self, x):
+    if getattr(self, "_nf4_fused_lora", False):  # one fused block when the projections allow it
+        y = lora_blocks.mlp(self, x, lora_blocks.SWIGLU, self._nf4_lora_recompute)
+        if y is not None:
+            return y
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _geglu_mlp_forward(self, x):
+    if getattr(self, "_nf4_fused_lora", False):
+        y = lora_blocks.mlp(self, x, lora_blocks.GEGLU, self._nf4_lora_recompute)
+        if y is not None:
+            return y
     return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -136,6 +170,27 @@ def patch_mlp(model: nn.Module, class_suffix: str, forward: Callable) -> int:
 SWIGLU_MLP = _swiglu_mlp_forward
 GEGLU_MLP = _geglu_mlp_forward
 FUSED_SWIGLU_MLP = _fused_swiglu_mlp_forward
+
+
+# ------------------------------------------------------------------------------- LoRA blocks
+# The patched forwards that can run a fused LoRA block, and the projections the block needs.
+_BLOCK_PROJECTIONS = {_swiglu_mlp_forward: ("gate_proj", "up_proj", "down_proj"),
+                      _geglu_mlp_forward: ("gate_proj", "up_proj", "down_proj"),
+                      _attention_forward: ("q_proj", "k_proj", "v_proj")}
+
+
+def set_lora_blocks(model: nn.Module, fused: bool, recompute: bool) -> int:
+    """Turn the fused LoRA blocks (``nf4.models.lora_blocks``) on or off in every patched gated
+    MLP and attention with separate projections; ``recompute``: the MLP block rebuilds gate and up
+    in backward instead of keeping them. Returns how many modules have them on (each still falls
+    back per call when its layers do not allow it)."""
+    count = 0
+    for module in model.modules():
+        names = _BLOCK_PROJECTIONS.get(getattr(module.__dict__.get("forward"), "__func__", None))
+        if names is not None and all(hasattr(module, n) for n in names):
+            module._nf4_fused_lora, module._nf4_lora_recompute = fused, recompute
+            count += fused
+    return count
 
 
 # ------------------------------------------------------------------------------- loss
@@ -181,7 +236,7 @@ def unpatch(model: nn.Module) -> None:
     """Restore every forward this package replaced."""
     for module in model.modules():
         unpatch_module(module)
-        for attr in ("_nf4_eager_attention", "_nf4_attention_extras"):
+        for attr in ("_nf4_eager_attention", "_nf4_attention_extras", "_nf4_fused_lora", "_nf4_lora_recompute"):
             if hasattr(module, attr):
                 delattr(module, attr)
 
