@@ -507,6 +507,9 @@ class LoadPhases:
 #     such calls (0.57 s alone) took 1.5-1.8 s beside `import transformers` (2.9-4.3 s) on the
 #     VM, so it progresses at about a third of its speed during an import and at full speed
 #     after. The switch interval is left alone: it is the whole process's (0.5 ms gave 1.3 s).
+#     In a fresh process the worker's first quantize also waits for torch._dynamo (1.0 s on the VM),
+#     which the first call of any torch.library custom op imports (torch._disable_dynamo) and
+#     transformers imports too: imported once, by whichever thread comes first.
 def _overlap_enabled(device: torch.device) -> bool:
     value = os.environ.get(OVERLAP_ENV, "auto").strip()
     if value not in ("auto", "0", "1"):
