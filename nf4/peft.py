@@ -10,7 +10,8 @@
 
 peft is an optional dependency (not installed with nf4; tested with peft 0.21). Two ways in:
 
-- ``enable()`` (done for you by ``nf4.from_pretrained``, ``nf4.hf``'s quantizer and
+- ``enable()`` (done for you by ``nf4.from_pretrained`` and ``quantize_model``, at once if peft is
+  imported, else by ``import peft``: nf4.loading.peft_dispatch; and by ``nf4.hf``'s quantizer and
   ``nf4.hf.install()``): peft's LoRA dispatch (``LoraModel._create_new_module``) first asks whether
   the target is a ``QuantLinear4bit`` and wraps it in ``LoraQuantLinear4bit``; every other layer
   goes to peft's own dispatch unchanged. Then ``get_peft_model``, ``PeftModel.from_pretrained``

@@ -227,3 +227,29 @@ def test_bench_load_needs_a_directory():
     run = subprocess.run([sys.executable, "-m", "bench.bench_load", "--shape", "tiny"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "--dir (or NF4_BENCH_LOAD_DIR) is required" in run.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU run writes bench/RESULTS.md; the CPU run prints it")
+def test_bench_load_tiny_on_cpu_prints_where_the_time_goes(tmp_path):
+    """Two loaders in fresh processes (bench/load_child.py), the phase table and the probe bytes."""
+    pytest.importorskip("transformers")
+    run = subprocess.run([sys.executable, "-m", "bench.bench_load", "--shape", "tiny", "--dir", str(tmp_path / "b"),
+                          "--repeats", "1", "--cold-repeats", "0", "--only", "nf4:auto,nf4-seq:auto"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "| loader | page cache | runs | wall s (median) | wall s (best) | process s (median) |" in out
+    assert "| phase (s since spawn) | nf4 (auto) | nf4-seq:auto |" in out
+    for phase in ("python", "import torch", "import nf4", "import transformers + model class", "meta model",
+                  "plan", "attach", "load", "loaded (process s)"):
+        assert f"\n| {phase} | " in out, phase
+    worker = next(line for line in out.splitlines() if line.startswith("| quantize (worker) |"))
+    assert worker.split("|")[2].strip() and not worker.split("|")[3].strip()  # nf4 (auto) only
+    assert "nf4 (auto) vs nf4-seq:auto: weight: 0 of 22528 bytes differ; weight.absmax: 0 of 704 bytes differ." in out
+    assert not (tmp_path / "b").exists()  # no --keep: the checkpoint is gone
+
+
+def test_bench_load_only_names_known_variants(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench.bench_load", "--shape", "tiny", "--dir", str(tmp_path),
+                          "--only", "nf4:auto,nf4:fast"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "--only: ['nf4:fast'] are not among" in run.stderr

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from nf4.nn import QuantLinear4bit
 
@@ -24,6 +24,16 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 # peft's prefix for a LoRA model's keys (``PeftModel`` -> ``LoraModel`` -> the wrapped model).
 PEFT_PREFIX = "base_model.model."
+# Importing torch.distributed.tensor (for DTensor) costs 0.63-0.77 s (sympy, the sharding
+# rules), which `import nf4` would pay for every user. A DTensor exists only once that module is
+# imported (by FSDP, nf4.distributed or the user), so it is looked up there when needed.
+_DTENSOR_MODULE = "torch.distributed.tensor"
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the whole of a sharded DTensor (a collective)."""
+    dtensor = sys.modules.get(_DTENSOR_MODULE)
+    return t.full_tensor() if dtensor is not None and isinstance(t, dtensor.DTensor) else t
 
 
 def adapter_layers(model: nn.Module) -> dict[str, QuantLinear4bit]:
@@ -36,8 +46,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model).items():
         for part in ("lora_A", "lora_B"):
-            t = layer._parameters[part]
-            t = t.full_tensor() if isinstance(t, DTensor) else t
+            t = _full_tensor(layer._parameters[part])
             tensors[f"{PEFT_PREFIX}{name}.{part}.weight"] = t.detach().to("cpu", copy=True).contiguous()
     if not tensors:
         raise ValueError("the model has no LoRA adapters (QuantLinear4bit layers with lora_rank > 0)")

@@ -253,6 +253,9 @@ def _stream_cuda(entries: list[TensorEntry], device: torch.device, destination, 
     # Free slots, oldest first, each with the event of the copy that last read it (None: unused).
     free: collections.deque = collections.deque((slot, None) for slot in range(len(buffers)))
     targets: dict[int, torch.Tensor] = {}
+    # The stream the copies to ``device`` run on; an event recorded on the current device's stream
+    # would not follow them when ``device`` is another GPU (cuda:1 while cuda:0 is current).
+    stream = torch.cuda.current_stream(device)
     next_entry = 0
 
     def read(slot: int, chunk) -> None:
@@ -284,7 +287,7 @@ def _stream_cuda(entries: list[TensorEntry], device: torch.device, destination, 
                 _target(entries[i], device, destination, targets, i).reshape(-1).view(torch.uint8)[
                     start:start + length].copy_(buffers[slot][:length], non_blocking=True)
                 event = torch.cuda.Event()
-                event.record()
+                event.record(stream)
                 free.append((slot, event))
                 if progress is not None:
                     progress(length)

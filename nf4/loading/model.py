@@ -4,14 +4,18 @@ The model is built with its parameters on the meta device (buffers such as rotar
 are computed for real on the CPU), the linear layers are swapped, and then every tensor streams
 from the shards into place one at a time: float weights of swapped layers are quantized on the
 target device as they arrive, pre-quantized (bitsandbytes) ones are loaded as they are.
-Everything the checkpoint says is validated against the model before a byte of data is read.
+Every header, and config.json's sizes against them, is validated before a byte of data is read;
+everything the checkpoint says is validated against the model before a byte is put in it. A
+float checkpoint's linear weights are read and quantized on a worker thread while the model is
+built (See Note: quantizing while the model is built).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
-import importlib.util
 import logging
+import os
 import re
 import threading
 import time
@@ -23,9 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nf4 import codebook
+from nf4 import codebook, functional
 from nf4.functional import nonfinite
-from nf4.loading.architectures import architecture, matches
+from nf4.loading import peft_dispatch
+from nf4.loading.architectures import ARCHITECTURES, architecture, matches
 from nf4.loading.checkpoint import Checkpoint, TensorEntry, concrete_device, read_quant_state_json
 from nf4.loading.config_check import check_config_sizes
 from nf4.loading.io import stream_tensors
@@ -43,6 +48,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Called for each quantized layer with (module name, module, float weight) while the float
 # weight is still on the device (the CLI measures each layer's error this way).
 Observer = Callable[[str, nn.Module, torch.Tensor], None]
+# auto (CUDA devices only), 1 or 0: quantizing while the model is built (See Note: quantizing
+# while the model is built).
+OVERLAP_ENV = "NF4_LOAD_OVERLAP"
 
 
 @dataclass
@@ -99,13 +107,6 @@ def _new_layer(linear: nn.Linear, opts: QuantOptions, quant_type: str, blocksize
     return Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
                       compute_dtype=opts.compute_dtype, compress_statistics=double, quant_type=quant_type,
                       device="meta", blocksize=blocksize)
-
-
-def _enable_peft() -> None:
-    # peft is optional: when installed, it wraps these layers without a per-config register().
-    if importlib.util.find_spec("peft") is not None:
-        from nf4 import peft as nf4_peft  # optional dependency (imports peft)
-        nf4_peft.enable()
 
 
 def _checkpoint_compute_dtype(bnb: Optional[dict]) -> torch.dtype:
@@ -448,20 +449,221 @@ def _module_options(entry: TensorEntry, linear: nn.Linear) -> tuple[str, int, bo
     return quant_type, blocksize, "nested_offset" in meta
 
 
-def load_folder(folder: Path, *, device, opts: QuantOptions, observer: Optional[Observer] = None,
-                progress: bool = True):
-    """Load ``folder`` (already resolved) as a quantized transformers model; see from_pretrained."""
-    device = default_device(device)
-    start = time.perf_counter()
-    ckpt = Checkpoint(folder)
-    check_config_sizes(ckpt.config, ckpt.entries, f"{ckpt.folder / 'config.json'}")
-    bnb = _bnb_config(ckpt.config)
-    if opts.compute_dtype is None:
-        opts = dataclasses.replace(opts, compute_dtype=_checkpoint_compute_dtype(bnb))
-    headers = time.perf_counter()
-    model = _build_meta_model(ckpt.folder)
-    built = time.perf_counter()
+# ------------------------------------------------------------------------------- phases
+class LoadPhases:
+    """When each phase of one load ran: ``spans`` maps a phase to (start, end), seconds since the
+    load began. Left on the model as ``model.nf4_load_phases``; bench/bench_load.py prints them.
+    Spans may overlap (See Note: quantizing while the model is built)."""
 
+    def __init__(self):
+        self.origin = time.perf_counter()
+        self.spans: dict[str, tuple[float, float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.mark(name, start)
+
+    def mark(self, name: str, start: float) -> None:
+        """Record phase ``name`` as running from ``start`` (a perf_counter value) until now."""
+        self.spans[name] = (start - self.origin, time.perf_counter() - self.origin)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {a:.2f}-{b:.2f} s" for name, (a, b) in self.spans.items())
+
+
+# ------------------------------------------------------------------------------- early quantization
+# Note: quantizing while the model is built.
+#     Of a float checkpoint, the linear weights (14.0 of Llama-3-8B's 16.1 GB) become the same
+#     bytes whatever the model is: the tensor, the compute dtype and the quantization options
+#     decide them. So once every header is validated and config.json's sizes are checked against
+#     them, a worker thread streams and quantizes the tensors that the architecture table names as
+#     projections, while this thread imports transformers, builds the meta model and makes the plan
+#     (and, in a fresh process, while CUDA initializes: on the worker). The plan still decides: an
+#     early result is attached only where the plan quantizes that very tensor, after the plan has
+#     checked its shape against the model, and with the options the layer was built with; any
+#     other is dropped and its tensor read again as the plan says. A wrong guess costs time,
+#     never different bytes: the state is bit for bit the sequential load's
+#     (tests/test_loading_overlap.py).
+#     Errors: when this thread fails, the worker stops before its next tensor and is joined, and
+#     this thread's exception propagates (the worker's own, if any, is logged); a worker's
+#     exception is raised, as raised there, when this thread joins it after the plan. The
+#     non-finite check stays batched and reports the first bad tensor in the plan's order.
+#     Memory: the worker holds one float tensor at a time and what it keeps are final weights, so
+#     peak device memory stays within final + the largest tensor (plus any results the plan drops:
+#     none for the table's architectures). It runs on the caller's device and CUDA stream, and
+#     waits for its queued work before it returns.
+#     Where: on CUDA devices (NF4_LOAD_OVERLAP=auto, the default), where the worker mostly waits
+#     for the page cache, the copy engine and the kernels, with the GIL released. Not on the CPU
+#     unless NF4_LOAD_OVERLAP=1: there the worker's quantization needs the cores the import needs
+#     (2-core development VM, 0.3 GB Llama, fresh process: 8.41 s with, 6.46 s without). Nor with
+#     an observer (the CLI needs each layer with its float weight), for bitsandbytes checkpoints
+#     (nothing to quantize), for model types outside the table, or with NF4_LOAD_OVERLAP=0.
+#     The GIL: the worker's threads take it back after each blocking call, which a thread running
+#     Python (an import) may make wait up to the 5 ms switch interval; a simulated worker of 1,920
+#     such calls (0.57 s alone) took 1.5-1.8 s beside `import transformers` (2.9-4.3 s) on the
+#     VM, so it progresses at about a third of its speed during an import and at full speed
+#     after. The switch interval is left alone: it is the whole process's (0.5 ms gave 1.3 s).
+#     In a fresh process the worker's first quantize also waits for torch._dynamo (1.0 s on the VM),
+#     which the first call of any torch.library custom op imports (torch._disable_dynamo) and
+#     transformers imports too: imported once, by whichever thread comes first.
+def _overlap_enabled(device: torch.device) -> bool:
+    value = os.environ.get(OVERLAP_ENV, "auto").strip()
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"{OVERLAP_ENV} must be auto, 0 or 1, got {value!r}")
+    return value == "1" or (value == "auto" and device.type == "cuda")
+
+
+def _early_entries(ckpt: Checkpoint, opts: QuantOptions) -> list[TensorEntry]:
+    """The float checkpoint's tensors the plan will most likely quantize, in file order: 2-D float
+    weights of the architecture's projections (its LoRA targets), minus kept and skipped modules."""
+    arch = ARCHITECTURES.get(ckpt.config.get("model_type"))
+    if arch is None:
+        return []
+    keep = arch.keep + opts.skip_modules
+    entries = []
+    for name, e in ckpt.entries.items():
+        module, _, last = name.rpartition(".")
+        if (last == "weight" and len(e.shape) == 2 and e.dtype in _FLOAT_DTYPES and e.nbytes
+                and matches(module, arch.lora_targets) and not matches(module, keep)):
+            entries.append(e)
+    return sorted(entries, key=lambda e: (str(e.shard), e.offset))
+
+
+@dataclass
+class _Early:
+    """One tensor quantized by the worker: the layer's packed bytes and state, its non-finite flag."""
+
+    packed: torch.Tensor
+    state: QuantState
+    nonfinite: torch.Tensor
+
+
+def _quantize_tensor(t: torch.Tensor, opts: QuantOptions) -> _Early:
+    # What _load does for a weight it quantizes: flag on the checkpoint's values, then quantize the
+    # weight cast to the compute dtype (QuantLinear4bit.quantize_weight_'s call, uint8 storage).
+    flag = nonfinite(t)
+    packed, state = functional.quantize_4bit(t.to(opts.compute_dtype), blocksize=opts.blocksize,
+                                             compress_statistics=opts.compress_statistics,
+                                             quant_type=opts.quant_type, check_finite=False)
+    return _Early(packed, state, flag)
+
+
+class _EarlyQuantizer:
+    """Streams and quantizes ``entries`` on a worker thread (See Note: quantizing while the model
+    is built). ``result()`` joins it: checkpoint name -> _Early, or the worker's exception."""
+
+    def __init__(self, entries: list[TensorEntry], device: torch.device, opts: QuantOptions,
+                 progress: Callable[[int], None], phases: LoadPhases):
+        self.entries = entries
+        self._cancel = threading.Event()
+        # The caller's stream, when CUDA is up already (a stream needs a context); before that,
+        # every thread's current stream is the device's default one, and the worker creates the
+        # context itself.
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" and torch.cuda.is_initialized() else None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nf4-early")
+        self._future = self._pool.submit(self._run, device, stream, opts, progress, phases)
+
+    def _run(self, device, stream, opts, progress, phases) -> dict[str, _Early]:
+        start = time.perf_counter()
+        results: dict[str, _Early] = {}
+        with contextlib.ExitStack() as stack:
+            if device.type == "cuda":
+                stack.enter_context(torch.cuda.device(device))  # a new thread's device is 0
+                if stream is not None:
+                    stack.enter_context(torch.cuda.stream(stream))
+            tensors = stack.enter_context(contextlib.closing(
+                stream_tensors(self.entries, device, progress=progress)))
+            for entry, t in tensors:
+                if self._cancel.is_set():
+                    break
+                results[entry.name] = _quantize_tensor(t, opts)
+                del t
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()  # the caller may use another stream
+        phases.mark("quantize (worker)", start)
+        return results
+
+    def result(self) -> dict[str, _Early]:
+        try:
+            return self._future.result()
+        finally:
+            self._pool.shutdown()
+
+    def stop(self) -> None:
+        """Stop after the tensor in hand and wait for the worker (this thread's load has failed)."""
+        self._cancel.set()
+        try:
+            self._future.result()
+        except Exception as e:  # the caller's exception propagates; this one is only reported
+            log.warning("the early quantization worker failed too: %s: %s", type(e).__name__, e)
+        finally:
+            self._pool.shutdown()
+
+
+def _load_device(device) -> torch.device:
+    """``default_device(device)`` without creating a CUDA context, so that the worker can create it
+    while this thread builds the model: before CUDA is initialized no thread has picked a device
+    (``torch.cuda.set_device`` and ``torch.cuda.device`` initialize it), so ``cuda`` means cuda:0."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and not torch.cuda.is_initialized():
+        return torch.device("cuda", 0)
+    return concrete_device(device)
+
+
+def load_folder(folder: Path, *, device, opts: QuantOptions, observer: Optional[Observer] = None,
+                progress: bool = True, phases: Optional[LoadPhases] = None):
+    """Load ``folder`` (already resolved) as a quantized transformers model; see from_pretrained.
+    ``phases`` (default: a new one) records when each step ran (``model.nf4_load_phases``)."""
+    phases = phases if phases is not None else LoadPhases()
+    with phases("device"):
+        device = _load_device(device)
+    with phases("headers"):
+        ckpt = Checkpoint(folder)
+        check_config_sizes(ckpt.config, ckpt.entries, f"{ckpt.folder / 'config.json'}")
+        bnb = _bnb_config(ckpt.config)
+        if opts.compute_dtype is None:
+            opts = dataclasses.replace(opts, compute_dtype=_checkpoint_compute_dtype(bnb))
+    overlap = bnb is None and observer is None and _overlap_enabled(device)
+    early_entries = _early_entries(ckpt, opts) if overlap else []
+    with tqdm(total=sum(e.nbytes for e in early_entries), unit="B", unit_scale=True, unit_divisor=1024,
+              desc="nf4: loading", disable=None if progress else True) as bar:
+        # Only the worker touches the bar until it is joined.
+        early = _EarlyQuantizer(early_entries, device, opts, bar.update, phases) if early_entries else None
+        try:
+            with phases("meta model"):
+                model = _build_meta_model(ckpt.folder)
+            with phases("plan"):
+                quantized, plan = _swap_and_plan(model, ckpt, bnb, opts)
+        except BaseException:
+            if early is not None:
+                early.stop()
+            raise
+        done_early = early.result() if early is not None else {}
+        n_early = _load(model, plan, quantized, device, opts, observer, bar, phases, done_early)
+    with phases("peft"):
+        # peft wraps these layers without a per-config register(), imported before or after this
+        # load (See Note: enabling peft without importing it).
+        peft_dispatch.when_imported()
+    nbytes = sum(e.nbytes for e in plan.entries)
+    load = phases.spans["load"][1] - (phases.spans.get("quantize (worker)") or phases.spans["load"])[0]
+    log.info("%s: %d tensors (%.2f GB) streamed and %s, %.2f GB/s from the first byte read to the "
+             "last; %s", ckpt.folder, len(plan.entries), nbytes / 1e9,
+             "loaded" if bnb else f"{len(quantized)} quantized ({n_early} while the model was built)",
+             nbytes / 1e9 / max(load, 1e-9), phases)
+    model.nf4_source_dir = ckpt.folder
+    model.nf4_load_phases = dict(phases.spans)
+    return model
+
+
+def _swap_and_plan(model: nn.Module, ckpt: Checkpoint, bnb: Optional[dict],
+                   opts: QuantOptions) -> tuple[dict[str, QuantLinear4bit], _Plan]:
+    """Swap the linear layers to quantize for 4-bit ones (on meta); the plan of every tensor."""
     if bnb is not None:
         states = _prequantized_modules(model, ckpt)
         quantize_names = sorted(states)
@@ -481,18 +683,7 @@ def load_folder(folder: Path, *, device, opts: QuantOptions, observer: Optional[
     if opts.lora_rank and not any(q.lora_rank for q in quantized.values()):
         raise ValueError(f"lora_rank={opts.lora_rank} but no quantized layer matches target_modules "
                          f"{list(targets)}")
-    plan = _make_plan(model, ckpt, quantized, prequantized=bnb is not None)
-    planned = time.perf_counter()
-    _load(model, plan, quantized, device, opts, observer, progress)
-    done = time.perf_counter()
-    nbytes = sum(e.nbytes for e in plan.entries)
-    log.info("%s: headers %.2f s, meta model %.2f s, plan %.2f s, %d tensors (%.2f GB) streamed and "
-             "%s in %.2f s (%.2f GB/s)", ckpt.folder, headers - start, built - headers, planned - built,
-             len(plan.entries), nbytes / 1e9, "loaded" if bnb else f"{len(quantized)} quantized",
-             done - planned, nbytes / 1e9 / max(done - planned, 1e-9))
-    model.nf4_source_dir = ckpt.folder
-    _enable_peft()
-    return model
+    return quantized, _make_plan(model, ckpt, quantized, prequantized=bnb is not None)
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -515,8 +706,33 @@ def _where(entry: TensorEntry) -> str:
     return f"{entry.shard}: tensor {entry.name!r}"
 
 
+def _attach_early(plan: _Plan, quantized: dict[str, QuantLinear4bit], done_early: dict[str, _Early],
+                  checks: dict[int, tuple[TensorEntry, torch.Tensor]]) -> set[str]:
+    """Install the worker's results where the plan quantizes that tensor with the same options
+    (See Note: quantizing while the model is built); returns the checkpoint names installed."""
+    attached = set()
+    for index, entry in enumerate(plan.entries):
+        module_name = plan.quantize.get(entry.name)
+        got = done_early.get(entry.name) if module_name is not None else None
+        w = quantized[module_name].weight if got is not None else None
+        if got is None or (w.quant_type, w.blocksize, w.compress_statistics, w.quant_storage) != \
+                (got.state.quant_type, got.state.blocksize, got.state.nested, got.packed.dtype):
+            continue
+        del done_early[entry.name]
+        quantized[module_name].load_quantized(got.packed, got.state)
+        checks[index] = (entry, got.nonfinite)
+        attached.add(entry.name)
+    if done_early:
+        log.debug("%d tensors quantized early are not quantized by the plan as they were; read again: %s",
+                  len(done_early), sorted(done_early)[:5])
+        done_early.clear()
+    return attached
+
+
 def _load(model: nn.Module, plan: _Plan, quantized: dict[str, QuantLinear4bit], device: torch.device,
-          opts: QuantOptions, observer: Optional[Observer], progress: bool) -> None:
+          opts: QuantOptions, observer: Optional[Observer], bar: tqdm, phases: LoadPhases,
+          done_early: dict[str, _Early]) -> int:
+    """Stream what the worker did not quantize into place; returns how many tensors it did."""
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
 
     def float_dtype(name: str) -> torch.dtype:
@@ -535,18 +751,24 @@ def _load(model: nn.Module, plan: _Plan, quantized: dict[str, QuantLinear4bit], 
 
     pieces_of = {e.name: (m, suffix) for m, pieces in plan.prequantized.items() for suffix, e in pieces.items()}
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    checks: list[tuple[TensorEntry, torch.Tensor]] = []
+    # plan.entries index -> (entry, non-finite flag): reported in the plan's order, early or not.
+    checks: dict[int, tuple[TensorEntry, torch.Tensor]] = {}
+    index_of = {e.name: i for i, e in enumerate(plan.entries)}
 
     def check(entry: TensorEntry, t: torch.Tensor) -> None:
         if t.is_floating_point() and t.numel():
-            checks.append((entry, nonfinite(t)))
+            checks[index_of[entry.name]] = (entry, nonfinite(t))
 
+    with phases("attach"):
+        attached = _attach_early(plan, quantized, done_early, checks)
+    entries = [e for e in plan.entries if e.name not in attached]
+    early_bytes = bar.total or 0
+    bar.total = early_bytes + sum(e.nbytes for e in entries)
+    bar.refresh()
     trace_memory = device.type == "cuda" and log.isEnabledFor(logging.DEBUG)
     peak = torch.cuda.max_memory_allocated(device) if trace_memory else 0
-    total = sum(e.nbytes for e in plan.entries)
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="nf4: loading",
-              disable=None if progress else True, postfix=f"0/{len(plan.entries)} tensors") as bar:
-        for count, (entry, t) in enumerate(stream_tensors(plan.entries, device, destination, bar.update), 1):
+    with phases("load"):
+        for count, (entry, t) in enumerate(stream_tensors(entries, device, destination, bar.update), 1):
             if entry.name in plan.float_params:
                 names = plan.float_params[entry.name]
                 check(entry, t)
@@ -579,22 +801,25 @@ def _load(model: nn.Module, plan: _Plan, quantized: dict[str, QuantLinear4bit], 
                 peak = torch.cuda.max_memory_allocated(device)
                 log.debug("after %s: peak GPU memory %.3f GB (now %.3f GB)", entry.name, peak / 1e9,
                           torch.cuda.memory_allocated(device) / 1e9)
-            if count % 16 == 0 or count == len(plan.entries):
-                bar.set_postfix_str(f"{count}/{len(plan.entries)} tensors", refresh=False)
-    if checks:
-        bad = torch.stack([flag for _, flag in checks]).cpu()
-        if bool(bad.any()):
-            entry = checks[int(bad.nonzero()[0, 0])][0]
-            raise ValueError(f"{_where(entry)} holds non-finite values (NaN or Inf); refusing to load it")
-    for module in quantized.values():
-        _materialize_lora(module, device)
-    for module in model.modules():
-        for name, buf in module._buffers.items():
-            if buf is not None and buf.device != device:
-                module._buffers[name] = buf.to(device)
-    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if leftover:
-        raise RuntimeError(f"parameters left unloaded (an nf4 bug): {leftover[:5]}")
+            if count % 16 == 0 or count == len(entries):
+                bar.set_postfix_str(f"{len(attached) + count}/{len(plan.entries)} tensors", refresh=False)
+    with phases("finish"):
+        if checks:
+            ordered = [checks[i] for i in sorted(checks)]
+            bad = torch.stack([flag for _, flag in ordered]).cpu()
+            if bool(bad.any()):
+                entry = ordered[int(bad.nonzero()[0, 0])][0]
+                raise ValueError(f"{_where(entry)} holds non-finite values (NaN or Inf); refusing to load it")
+        for module in quantized.values():
+            _materialize_lora(module, device)
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device != device:
+                    module._buffers[name] = buf.to(device)
+        leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if leftover:
+            raise RuntimeError(f"parameters left unloaded (an nf4 bug): {leftover[:5]}")
+    return len(attached)
 
 
 def _install_prequantized(module: QuantLinear4bit, tensors: dict[str, torch.Tensor],
@@ -646,8 +871,10 @@ def from_pretrained(name_or_path, *, device=None, compute_dtype: Optional[torch.
         raise TypeError(f"patch must be a bool, got {type(patch).__name__}")
     opts = _options(compute_dtype, quant_type, blocksize, compress_statistics, skip_modules,
                     lora_rank, lora_alpha, target_modules)
-    folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
-    model = load_folder(folder, device=device, opts=opts, progress=progress)
+    phases = LoadPhases()
+    with phases("resolve"):
+        folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
+    model = load_folder(folder, device=device, opts=opts, progress=progress, phases=phases)
     if patch:
         import nf4.models  # needs Triton (optional off Linux): imported only when asked for
         nf4.models.patch(model)
@@ -692,5 +919,5 @@ def quantize_model(model: nn.Module, *, device=None, compute_dtype: torch.dtype 
         for name, buf in module._buffers.items():
             if buf is not None:
                 module._buffers[name] = buf.to(device)
-    _enable_peft()
+    peft_dispatch.when_imported()
     return model
