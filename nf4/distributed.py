@@ -72,6 +72,8 @@ from nf4.nn import Params4bit, QuantLinear4bit
 
 __all__ = ["shard_model", "save_pretrained", "save_adapter", "lora_state_dict", "full_parameters"]
 
+# (major, minor) of this torch: 2.11's FSDP2 on the CPU fails on uneven shards (shard_model).
+_TORCH_VERSION = tuple(int(v) for v in torch.__version__.split(".")[:2])
 log = logging.getLogger(__name__)
 
 
@@ -196,7 +198,22 @@ def shard_model(model: nn.Module, mesh: Optional[DeviceMesh] = None, *,
     device = _mesh_device(mesh)
     for name, layer in quant.items():
         _check_layer(name, layer, device)
-    if not _fsdp_shards_integer_parameters(mesh, device):
+    integer = _fsdp_shards_integer_parameters(mesh, device)
+    if device.type == "cpu" and _TORCH_VERSION < (2, 12):
+        # Measured on torch 2.11 (gloo, 2 ranks): a packed weight whose rows do not split evenly
+        # over the ranks reads freed memory once gathered (a segfault in the first dequantize).
+        uneven = {}
+        for name, layer in quant.items():
+            w = layer.weight
+            itemsize = w.element_size() if integer or w.dtype.is_floating_point else 2  # viewed as bf16
+            if (w.numel() * w.element_size() // itemsize) % mesh.size():
+                uneven[name] = w.numel() * w.element_size() // itemsize
+        if uneven:
+            name, rows = next(iter(uneven.items()))
+            raise ValueError(f"torch {torch.__version__}'s FSDP2 on the CPU cannot shard a packed weight "
+                             f"whose rows do not split evenly over {mesh.size()} ranks ({len(uneven)} layers, "
+                             f"e.g. {name}: {rows} rows); use torch >= 2.12, or CUDA")
+    if not integer:
         # See Note: sharding the packed weight (torch 2.11's FSDP2 and integer parameters).
         for layer in quant.values():
             _store_as(layer, torch.bfloat16)
