@@ -207,7 +207,9 @@ def sft_script(folder, quantization_config, out_dir, steps, resume=None):
     datasets = pytest.importorskip("datasets")
     g = torch.Generator().manual_seed(0)
     texts = [" ".join(f"w{int(i)}" for i in torch.randint(3, 1024, (16,), generator=g)) for _ in range(12)]
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization_config)
+    # On the CPU like the trainer (use_cpu=True): the quantizer's default device is the GPU where
+    # there is one, and a model built there has its RoPE frequencies computed by the GPU.
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization_config, device_map="cpu")
     args = trl.SFTConfig(output_dir=str(out_dir), max_steps=steps, save_steps=1, per_device_train_batch_size=2,
                          learning_rate=1e-2, max_length=16, report_to=[], use_cpu=True, seed=0,
                          logging_steps=1, disable_tqdm=True)
@@ -261,7 +263,8 @@ def test_sft_trainer_checkpoints_resumes_and_reloads(fixtures, tmp_path, how):
         assert torch.equal(got, want), (describe(alone), describe(resumed.model), (got - want).abs().max().item())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            by_transformers = AutoModelForCausalLM.from_pretrained(tmp_path / "final", quantization_config=config)
+            by_transformers = AutoModelForCausalLM.from_pretrained(tmp_path / "final", quantization_config=config,
+                                                                   device_map="cpu")
         assert torch.equal(logits(by_transformers, ids), want)
     finally:
         nf4.hf.uninstall()
