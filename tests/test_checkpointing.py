@@ -75,31 +75,6 @@ def test_offload_keeps_layer_inputs_on_the_host():
     assert saved == [("cpu", True)] * model.config.num_hidden_layers
 
 
-@pytest.mark.gpu
-def test_offload_brings_the_previous_layers_input_back_during_a_backward():
-    # Layer i's backward starts the copy of layer i-1's input (the next backward's) before its own
-    # recomputation: each copy is issued once, the last layer's first, from the layer after it.
-    model = tiny_model("llama", layers=3).to(DEVICE)
-    model.train()
-    checkpointing.enable(model, offload=True)
-    ids, labels = batch(model.config.vocab_size)
-    issued = []
-    original = checkpointing._Offload.bring_back
-
-    def spy(self, ctx):
-        if ctx.back is None:
-            issued.append((ctx.position, [c is None for c in self.saved]))
-        return original(self, ctx)
-
-    checkpointing._Offload.bring_back = spy
-    try:
-        model(input_ids=ids.to(DEVICE), labels=labels.to(DEVICE)).loss.backward()
-    finally:
-        checkpointing._Offload.bring_back = original
-    # (position, which saved contexts were already restored) at each issued copy
-    assert issued == [(2, [False, False, False]), (1, [False, False, False]), (0, [False, False, True])]
-
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_offloaded_embeddings_give_the_same_loss_and_gradients(device):
     ref = tiny_model("llama").to(device)

@@ -4,8 +4,8 @@ memory instead of on the GPU.
 A checkpointed layer keeps only its input hidden states ([batch, seq, hidden]: 16 MB a layer at
 2048 tokens x 4096 in bf16, 0.5 GB for 32 layers) and recomputes the rest in backward. With
 ``offload=True`` that input is copied to pinned host memory on a side CUDA stream as soon as the
-layer's forward is issued (the copy overlaps the next layers' compute), and copied back on the
-same stream while the layer after it runs its backward (``_Offload``).
+layer's forward is issued (the copy overlaps the next layers' compute), and copied back at the
+start of the layer's backward.
 
     nf4.models.checkpointing.enable(model, offload=True)    # instead of gradient_checkpointing_enable
     nf4.models.checkpointing.disable(model)
@@ -29,55 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class _Offload:
-    """The offloaded inputs of one model's layers: one side stream for the copies both ways, and
-    the saved inputs of the current forward in layer order, so that a layer's backward can start
-    bringing back the input of the layer before it (the next to run backward) while its own
-    recomputation runs. Without that prefetch each layer's backward began with a 16 MB copy on
-    the compute stream (0.5 GB a step at 2048 tokens x 4096 x 32 layers); and the compute stream
-    waits for a copy's event instead of the host synchronizing on it, so the host keeps queueing
-    work ahead of the GPU."""
-
-    def __init__(self) -> None:
-        self.stream: Optional[torch.cuda.Stream] = None
-        self.saved: list = []  # the current forward's contexts, by layer index
-
-    def side_stream(self, device: torch.device) -> torch.cuda.Stream:
-        if self.stream is None or self.stream.device != device:
-            self.stream = torch.cuda.Stream(device)
-        return self.stream
-
-    def start(self, index: int, ctx) -> None:
-        if index == 0:  # a new forward: forget the last one's (a graph dropped without backward)
-            self.saved = []
-        ctx.position = len(self.saved)
-        self.saved.append(ctx)
-
-    def bring_back(self, ctx) -> None:
-        """Issue ``ctx``'s copy to the GPU on the side stream (once): ``ctx.back`` = (tensor, event)."""
-        if ctx.back is not None or ctx.saved is None:
-            return
-        stream = self.stream
-        hidden = torch.empty(ctx.saved.shape, dtype=ctx.saved.dtype, device=ctx.device)  # compute stream's
-        with torch.cuda.stream(stream):  # after the copy out (same stream)
-            hidden.copy_(ctx.saved, non_blocking=True)
-        hidden.record_stream(stream)
-        ctx.back = (hidden, stream.record_event())
-
-    def restore(self, ctx) -> torch.Tensor:
-        """``ctx``'s input on the GPU, ordered before the compute stream's next work; and the
-        previous layer's copy started."""
-        self.bring_back(ctx)
-        position = ctx.position
-        if 0 < position <= len(self.saved) and self.saved[position - 1] is not None:
-            self.bring_back(self.saved[position - 1])
-        if position < len(self.saved) and self.saved[position] is ctx:
-            self.saved[position] = None
-        hidden, ready = ctx.back
-        torch.cuda.current_stream(ctx.device).wait_event(ready)
-        return hidden
-
-
 class _CheckpointedLayer(torch.autograd.Function):
     """forward: run the layer without a graph, keep (maybe offload) its input. backward: bring the
     input back, rerun the layer with a graph and backpropagate through it; parameter gradients
@@ -85,37 +36,39 @@ class _CheckpointedLayer(torch.autograd.Function):
     autograd call backward even when the hidden states do not require grad (frozen embeddings)."""
 
     @staticmethod
-    def forward(ctx, run, offload: Optional[_Offload], index: int, anchor, hidden):
+    def forward(ctx, run, offload_stream: Optional[torch.cuda.Stream], anchor, hidden):
         ctx.run = run
         ctx.device = hidden.device
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type),
                         torch.get_autocast_dtype(hidden.device.type))
         ctx.input_requires_grad = hidden.requires_grad
-        ctx.offload, ctx.back = offload, None
-        if offload is not None:
-            stream = offload.side_stream(hidden.device)
+        if offload_stream is not None:
             saved = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-            stream.wait_stream(torch.cuda.current_stream(hidden.device))
-            with torch.cuda.stream(stream):
+            offload_stream.wait_stream(torch.cuda.current_stream(hidden.device))
+            with torch.cuda.stream(offload_stream):
                 saved.copy_(hidden, non_blocking=True)
-            hidden.record_stream(stream)  # not reused before the copy has read it
-            offload.start(index, ctx)
+            hidden.record_stream(offload_stream)  # not reused before the copy has read it
+            ctx.copied = offload_stream.record_event()
         else:
-            saved = hidden
+            saved, ctx.copied = hidden, None
         ctx.saved = saved
         with torch.no_grad():
             return run(hidden)
 
     @staticmethod
     def backward(ctx, grad):
-        hidden = ctx.saved if ctx.offload is None else ctx.offload.restore(ctx)
+        if ctx.copied is not None:
+            ctx.copied.synchronize()
+            hidden = ctx.saved.to(ctx.device, non_blocking=True)
+        else:
+            hidden = ctx.saved
         hidden = hidden.detach().requires_grad_(ctx.input_requires_grad)
         enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
             out = ctx.run(hidden)
         torch.autograd.backward(out, grad)
-        ctx.saved = ctx.run = ctx.back = ctx.offload = None
-        return None, None, None, None, hidden.grad if ctx.input_requires_grad else None
+        ctx.saved = ctx.run = None
+        return None, None, None, hidden.grad if ctx.input_requires_grad else None
 
 
 def _layer_forward(self, hidden_states, *args, **kwargs):
@@ -125,11 +78,13 @@ def _layer_forward(self, hidden_states, *args, **kwargs):
     def run(h):
         return self._nf4_unchecked_forward(h, *args, **kwargs)
 
-    offload = self._nf4_offload if hidden_states.is_cuda else None
+    stream = self._nf4_offload_stream if hidden_states.is_cuda else None
+    if self._nf4_offload and hidden_states.is_cuda and stream is None:
+        stream = self._nf4_offload_stream = torch.cuda.Stream(hidden_states.device)
     anchor = self._nf4_anchor
     if anchor.device != hidden_states.device:
         anchor = self._nf4_anchor = torch.zeros((), device=hidden_states.device, requires_grad=True)
-    return _CheckpointedLayer.apply(run, offload, self._nf4_index, anchor, hidden_states)
+    return _CheckpointedLayer.apply(run, stream if self._nf4_offload else None, anchor, hidden_states)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -155,13 +110,12 @@ def enable(model: nn.Module, offload: bool = True) -> int:
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
     layers = decoder_layers(model)
-    shared = _Offload() if offload else None
-    for index, layer in enumerate(layers):
+    for layer in layers:
         if not hasattr(layer, "_nf4_unchecked_forward"):
             layer._nf4_unchecked_forward = layer.forward
             layer.forward = types.MethodType(_layer_forward, layer)
-        layer._nf4_offload = shared
-        layer._nf4_index = index
+        layer._nf4_offload = bool(offload)
+        layer._nf4_offload_stream = None
         layer._nf4_anchor = torch.zeros((), requires_grad=True)
     return len(layers)
 
@@ -170,7 +124,7 @@ def disable(model: nn.Module) -> None:
     for layer in decoder_layers(model):
         if hasattr(layer, "_nf4_unchecked_forward"):
             layer.forward = layer._nf4_unchecked_forward
-            for attr in ("_nf4_unchecked_forward", "_nf4_offload", "_nf4_index", "_nf4_anchor"):
+            for attr in ("_nf4_unchecked_forward", "_nf4_offload", "_nf4_offload_stream", "_nf4_anchor"):
                 delattr(layer, attr)
 
 
