@@ -325,7 +325,7 @@ def test_cpu_model_keeps_no_mapped_pages(fixtures, tmp_path):
 
 # ------------------------------------------------------------------------------- GPU
 class _NoEvent:
-    def record(self):
+    def record(self, stream=None):
         pass
 
     def synchronize(self):
@@ -344,6 +344,7 @@ def test_staging_pipeline_logic_on_cpu(tmp_path, monkeypatch, strategy, with_des
     fake_torch.empty = lambda *a, pin_memory=False, **k: real_empty(*a, **k)
     fake_torch.cuda = type(sys)("fake_cuda")
     fake_torch.cuda.Event = _NoEvent
+    fake_torch.cuda.current_stream = lambda device=None: None  # the events' stream (record(stream))
     monkeypatch.setattr(io, "torch", fake_torch)
     monkeypatch.setattr(io, "STAGING_CHUNK_BYTES", chunk)
     path = tmp_path / "model.safetensors"
