@@ -171,6 +171,18 @@ def _adapter_grads(G: torch.Tensor, projections, x2: torch.Tensor, A: torch.Tens
     return alpha, dA
 
 
+def _input_grad(x2: torch.Tensor, G: torch.Tensor, A: torch.Tensor, alpha: float, pairs, c: torch.dtype,
+                x_dtype: torch.dtype) -> torch.Tensor:
+    """dx = alpha G A (the adapters' share) + sum of dY_i W_i over ``pairs`` of (dY_i, projection),
+    accumulated in one [T, in] buffer, one dequantized weight alive at a time."""
+    dx = torch.addmm(x2, G, A, beta=0, alpha=alpha)                        # x2 lends its shape
+    for d, p in pairs:
+        W = _fresh(p).dequantize(c)
+        dx.addmm_(d, W)
+        del W
+    return _cast(dx, x_dtype)
+
+
 class LoraMLP(torch.autograd.Function):
     """``down(act(gate(x)) * up(x))`` with the three adapters; See Note: what the MLP block keeps.
 
@@ -239,12 +251,7 @@ class LoraMLP(torch.autograd.Function):
             alpha, (dA_gate, dA_up) = _adapter_grads(G, (gate, up), x2, A_gu, (needs[1], needs[3]), ranks,
                                                      A_dtypes[:2])
             if needs[0]:
-                dx = torch.addmm(x2, G, A_gu, beta=0, alpha=alpha)          # x2 lends its shape
-                for d, p in ((dgate, gate), (dup, up)):
-                    W = _fresh(p).dequantize(c)
-                    dx.addmm_(d, W)
-                    del W
-                dx = _cast(dx, x_dtype)
+                dx = _input_grad(x2, G, A_gu, alpha, ((dgate, gate), (dup, up)), c, x_dtype)
         return dx, dA_gate, dB_gate, dA_up, dB_up, dA_down, dB_down, None
 
 
@@ -284,12 +291,7 @@ class LoraQKV(torch.autograd.Function):
             G = torch.cat([d @ B for d, B in zip(dys, Bs)], 1)              # [T, rq + rk + rv]
             alpha, dA = _adapter_grads(G, projections, x2, A, (needs[1], needs[3], needs[5]), ranks, A_dtypes)
             if needs[0]:
-                dx = torch.addmm(x2, G, A, beta=0, alpha=alpha)             # x2 lends its shape
-                for d, p in zip(dys, projections):
-                    W = _fresh(p).dequantize(c)
-                    dx.addmm_(d, W)
-                    del W
-                dx = _cast(dx, x_dtype)
+                dx = _input_grad(x2, G, A, alpha, zip(dys, projections), c, x_dtype)
         return dx, dA[0], dB[0], dA[1], dB[1], dA[2], dB[2], None
 
 
