@@ -68,26 +68,26 @@ def quantization_config(setup: str):
                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-class _StepTimer:
-    """A TrainerCallback (built lazily: transformers is imported in the child only) timing each
-    optimizer step from its beginning to its end, which excludes checkpoint saving."""
+def step_timer(device: torch.device):
+    """A TrainerCallback timing each optimizer step from its beginning to its end, which excludes
+    checkpoint saving (built here: transformers is imported in the child only)."""
+    import transformers
 
-    def __new__(cls, device):
-        import transformers
+    class StepTimer(transformers.TrainerCallback):
+        def __init__(self):
+            self.times, self._t = [], 0.0
 
-        class Timer(transformers.TrainerCallback):
-            def __init__(self):
-                self.times, self._t = [], 0.0
+        def on_step_begin(self, args, state, control, **kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self._t = time.perf_counter()
 
-            def on_step_begin(self, args, state, control, **kwargs):
-                torch.cuda.synchronize(device) if device.type == "cuda" else None
-                self._t = time.perf_counter()
+        def on_step_end(self, args, state, control, **kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.times.append(time.perf_counter() - self._t)
 
-            def on_step_end(self, args, state, control, **kwargs):
-                torch.cuda.synchronize(device) if device.type == "cuda" else None
-                self.times.append(time.perf_counter() - self._t)
-
-        return Timer()
+    return StepTimer()
 
 
 def train(model, folder: Path, out_dir: Path, steps: int, seq: int, vocab: int, cpu: bool, resume=None):
@@ -101,7 +101,7 @@ def train(model, folder: Path, out_dir: Path, steps: int, seq: int, vocab: int, 
                          per_device_train_batch_size=1, learning_rate=2e-4, max_length=seq,
                          gradient_checkpointing=True, bf16=not cpu, use_cpu=cpu, report_to=[], seed=0,
                          logging_steps=1, disable_tqdm=True, save_only_model=False)
-    timer = _StepTimer(model.device)
+    timer = step_timer(model.device)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": texts}),
                              processing_class=tokenizer(vocab), callbacks=[timer],
                              peft_config=peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
@@ -151,7 +151,7 @@ def child(setup: str, folder: str, out: str, steps: int, seq: int) -> None:
         want = adapters(full.model)
         result["adapter_dtype"] = _dtypes(full.model)
         del full, model
-        torch.cuda.empty_cache() if not cpu else None
+        torch.cuda.empty_cache()  # a no-op without CUDA
 
         model, _ = load(folder)
         resumed, _ = train(model, folder, run, steps, seq, vocab, cpu, resume=str(run / f"checkpoint-{middle}"))
@@ -168,7 +168,7 @@ def child(setup: str, folder: str, out: str, steps: int, seq: int) -> None:
         ids = torch.randint(3, vocab, (1, 64), generator=torch.Generator().manual_seed(1))
         reference = logits(resumed.model, ids)
         del resumed, model
-        torch.cuda.empty_cache() if not cpu else None
+        torch.cuda.empty_cache()  # a no-op without CUDA
         if setup != "bitsandbytes":
             import nf4
             alone = peft.PeftModel.from_pretrained(nf4.from_pretrained(folder, device=device_map, progress=False), final)

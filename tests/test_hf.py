@@ -12,12 +12,12 @@ import warnings
 import pytest
 import torch
 from safetensors import safe_open
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import nf4  # noqa: E402
+from bench.bench_sft import tokenizer  # noqa: E402  (the word-level tokenizer over the model's ids)
 import nf4.backends  # noqa: E402
 import nf4.hf  # noqa: E402
 from nf4.nn import Linear4bit, Params4bit  # noqa: E402
@@ -193,14 +193,6 @@ def test_peft_enable_disable():
 
 
 # ------------------------------------------------------------------------------- TRL, both ways
-def tokenizer():
-    """A word-level tokenizer over the tiny Llama's 1024 ids ("w0".."w1023"); the fixture has none."""
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(1024)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w1",
-                                                eos_token="w2", pad_token="w0")
-
-
 def sft_script(folder, quantization_config, out_dir, steps, resume=None):
     """The short QLoRA script a user writes: load in 4 bits, all-linear LoRA, SFTTrainer."""
     trl = pytest.importorskip("trl")
@@ -214,7 +206,7 @@ def sft_script(folder, quantization_config, out_dir, steps, resume=None):
                          learning_rate=1e-2, max_length=16, report_to=[], use_cpu=True, seed=0,
                          logging_steps=1, disable_tqdm=True)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": texts}),
-                             processing_class=tokenizer(),
+                             processing_class=tokenizer(1024),
                              peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                          task_type="CAUSAL_LM"))
     trainer.train(resume_from_checkpoint=resume)
