@@ -19,8 +19,7 @@ from torch import nn
 from nf4.kernels.glu import geglu, swiglu
 from nf4.kernels.linear_cross_entropy import linear_cross_entropy
 from nf4.kernels.rms_norm import rms_norm
-from nf4.kernels.rope import apply_rope_  # See Note: RoPE in place
-from nf4.kernels.rope import apply_rope
+from nf4.kernels.rope import apply_rope, apply_rope_  # apply_rope_: See Note: RoPE in place
 from nf4.models import lora_blocks
 
 # Attention-interface keyword arguments a family adds to Llama's (sliding window, soft-cap).
