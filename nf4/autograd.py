@@ -115,7 +115,6 @@ def _lora_forward(x, bias, lora_A, lora_B, mask, weight: PackedWeight, lora_scal
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
     if x2.dtype != compute_dtype:
         x2 = x2.to(compute_dtype)
-    tokens = x2.shape[0]
     b = bias if bias is None or bias.dtype == compute_dtype else bias.to(compute_dtype)
     xd = xa = A = B = None
     if lora_A is not None:
