@@ -63,14 +63,6 @@ def bench_ms(fn: Callable[[], object], quantiles=(0.5, 0.2, 0.8), warmup: int = 
     return tuple(do_bench(fn, warmup=warmup, rep=rep, quantiles=list(quantiles)))
 
 
-def require_cuda(prog: str) -> None:
-    """Leave with one line on stderr and status ``NO_GPU_EXIT`` when no CUDA GPU is visible (a
-    traceback from the first ``device="cuda"`` would bury the reason)."""
-    if not torch.cuda.is_available():
-        sys.stderr.write(f"{prog}: needs a CUDA GPU and torch sees none; nothing measured\n")
-        raise SystemExit(NO_GPU_EXIT)
-
-
 def sync(device: torch.device) -> None:
     """Wait for ``device``'s queued work (CPU work is synchronous already)."""
     if device.type == "cuda":

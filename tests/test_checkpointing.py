@@ -10,7 +10,7 @@ from nf4.models import checkpointing
 from tests.conftest import DEVICE
 
 transformers = pytest.importorskip("transformers")
-from tests.test_models import TOL, batch, tiny_model  # noqa: E402
+from tests.test_models import batch, tiny_model  # noqa: E402
 
 
 def loss_and_grads(model, ids, labels):
