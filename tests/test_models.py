@@ -86,6 +86,26 @@ def test_unpatch_restores_transformers_forwards():
     assert model(input_ids=ids, labels=labels).logits is not None
 
 
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_cpu_outside_the_interpreter_runs_transformers_forwards(model_type, monkeypatch):
+    # Triton cannot run CPU tensors without the interpreter: every patched forward hands them to
+    # transformers' own, so the same ops run and give the same bits (and the logits come back).
+    ref = tiny_model(model_type).to("cpu")
+    ref.train()
+    patched = copy.deepcopy(ref)
+    assert models.patch(patched)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ids, labels = (t.cpu() for t in batch(ref.config.vocab_size))
+    out_ref, out = ref(input_ids=ids, labels=labels), patched(input_ids=ids, labels=labels)
+    assert out.logits is not None and torch.equal(out.logits, out_ref.logits)
+    assert torch.equal(out.loss, out_ref.loss)
+    out_ref.loss.backward()
+    out.loss.backward()
+    grads = dict(patched.named_parameters())
+    for name, p in ref.named_parameters():
+        assert torch.equal(grads[name].grad, p.grad), name
+
+
 def test_unknown_model_type_runs_unpatched(caplog):
     config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
     model = transformers.GPT2LMHeadModel(config)

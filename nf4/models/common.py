@@ -5,10 +5,13 @@ Each ``patch_*`` function replaces one module instance's ``forward`` (never the 
 unpatched model of the same type in the same process stays as transformers wrote it) and keeps
 the original as ``_nf4_unpatched_forward``. The replacement forwards mirror transformers' own
 (5.17 to 5.23) line for line except where a kernel takes over; the unpatched model is their
-correctness reference (tests/test_models.py).
+correctness reference (tests/test_models.py). Each one runs the original forward instead where
+the Triton kernels cannot run the input (``kernels_run_on``: CPU tensors outside the
+interpreter), so a patched model moved to the CPU still works, as transformers wrote it.
 """
 from __future__ import annotations
 
+import os
 import sys
 import types
 from typing import Callable, Optional
@@ -26,6 +29,12 @@ from nf4.models import lora_blocks
 AttentionExtras = Callable[[nn.Module], dict]
 
 
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether the Triton kernels run tensors on ``device``: CUDA, or the CPU under the
+    interpreter (``TRITON_INTERPRET=1``, which CI uses)."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
 def _replace_forward(module: nn.Module, forward: Callable) -> None:
     if not hasattr(module, "_nf4_unpatched_forward"):
         module._nf4_unpatched_forward = module.forward
@@ -40,11 +49,15 @@ def unpatch_module(module: nn.Module) -> None:
 
 # ------------------------------------------------------------------------------- norms
 def _llama_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if not kernels_run_on(x.device):
+        return self._nf4_unpatched_forward(x)
     # transformers returns weight * x_hat.to(x.dtype): the promoted dtype of the two
     return rms_norm(x, self.weight, self.variance_epsilon, 0.0, torch.promote_types(x.dtype, self.weight.dtype))
 
 
 def _gemma_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if not kernels_run_on(x.device):
+        return self._nf4_unpatched_forward(x)
     return rms_norm(x, self.weight, self.eps, 1.0, x.dtype)
 
 
@@ -70,6 +83,9 @@ def _transformers_attention(config, eager: Callable) -> Callable:
 
 def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                        past_key_values=None, **kwargs):
+    if not kernels_run_on(hidden_states.device):
+        return self._nf4_unpatched_forward(hidden_states, position_embeddings=position_embeddings,
+                                           attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     # Rows: a QuantLinear4bit called on 2-D input returns its own output, where 3-D input gets a
@@ -137,6 +153,8 @@ def patch_attention(model: nn.Module, class_suffix: str, extras: AttentionExtras
 
 # ------------------------------------------------------------------------------- MLP
 def _swiglu_mlp_forward(self, x):
+    if not kernels_run_on(x.device):
+        return self._nf4_unpatched_forward(x)
     if getattr(self, "_nf4_fused_lora", False):  # one fused block when the projections allow it
         y = lora_blocks.mlp(self, x, lora_blocks.SWIGLU, self._nf4_lora_recompute)
         if y is not None:
@@ -145,6 +163,8 @@ def _swiglu_mlp_forward(self, x):
 
 
 def _geglu_mlp_forward(self, x):
+    if not kernels_run_on(x.device):
+        return self._nf4_unpatched_forward(x)
     if getattr(self, "_nf4_fused_lora", False):
         y = lora_blocks.mlp(self, x, lora_blocks.GEGLU, self._nf4_lora_recompute)
         if y is not None:
@@ -153,6 +173,8 @@ def _geglu_mlp_forward(self, x):
 
 
 def _fused_swiglu_mlp_forward(self, x):  # Phi-3: gate_up_proj, gate first
+    if not kernels_run_on(x.device):
+        return self._nf4_unpatched_forward(x)
     gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
     return self.down_proj(swiglu(gate, up))
 
@@ -198,7 +220,8 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     shift_labels = kwargs.pop("shift_labels", None)
     return_dict = kwargs.pop("return_dict", None)
     lm_head = self.lm_head
-    if (labels is None and shift_labels is None) or type(lm_head) is not nn.Linear:
+    if ((labels is None and shift_labels is None) or type(lm_head) is not nn.Linear
+            or not kernels_run_on(lm_head.weight.device)):
         if shift_labels is not None:
             kwargs["shift_labels"] = shift_labels
         if return_dict is not None:
