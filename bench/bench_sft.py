@@ -10,6 +10,8 @@ a user's script does:
 - ``install()``: the script as written for bitsandbytes (``BitsAndBytesConfig(load_in_4bit=True,
   nf4, double quant, bf16 compute)``) plus the one added line ``nf4.hf.install()``;
 - ``Nf4Config``: the same script with ``quantization_config=nf4.hf.Nf4Config(...)``;
+- ``install(patch=True)``: the bitsandbytes script with ``nf4.hf.install(patch=True)``: the fused
+  training path (``nf4.models.patch``) under TRL (not in the default set until measured);
 - ``bitsandbytes``: the script as written, on bitsandbytes itself (when it is installed).
 
 Each trains r=16 ``"all-linear"`` LoRA adapters with gradient checkpointing for ``--steps`` steps
@@ -40,6 +42,8 @@ from bench.bench_load import SHAPES, _shapes, prepare
 from bench.common import stamp, table, write_section
 
 SETUPS = ("install()", "Nf4Config", "bitsandbytes")
+# Runnable with --setups; not in the default set.
+EXTRA_SETUPS = ("install(patch=True)",)
 GB = 1e9
 log = logging.getLogger("bench_sft")
 
@@ -61,9 +65,9 @@ def quantization_config(setup: str):
     if setup == "Nf4Config":
         import nf4.hf
         return nf4.hf.Nf4Config(compute_dtype=torch.bfloat16)
-    if setup == "install()":
+    if setup in ("install()", "install(patch=True)"):
         import nf4.hf
-        nf4.hf.install()  # the one line added to a bitsandbytes script
+        nf4.hf.install(patch=setup == "install(patch=True)")  # the one line added to a bitsandbytes script
     return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
 
@@ -171,7 +175,9 @@ def child(setup: str, folder: str, out: str, steps: int, seq: int) -> None:
         torch.cuda.empty_cache()  # a no-op without CUDA
         if setup != "bitsandbytes":
             import nf4
-            alone = peft.PeftModel.from_pretrained(nf4.from_pretrained(folder, device=device_map, progress=False), final)
+            # the patched setup reloads patched (its logits come from the same kernels)
+            base = nf4.from_pretrained(folder, device=device_map, progress=False, patch=setup in EXTRA_SETUPS)
+            alone = peft.PeftModel.from_pretrained(base, final)
             result["reload_nf4"] = _compare(logits(alone, ids), reference)
             del alone
         by_transformers, _ = load(final)
@@ -242,9 +248,9 @@ def main() -> None:
     if args.dir is None:
         parser.error("--dir is required: the checkpoint is written there")
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
-    unknown = set(setups) - set(SETUPS)
+    unknown = set(setups) - set(SETUPS) - set(EXTRA_SETUPS)
     if unknown:
-        parser.error(f"unknown setups {sorted(unknown)}; choose from {list(SETUPS)}")
+        parser.error(f"unknown setups {sorted(unknown)}; choose from {list(SETUPS + EXTRA_SETUPS)}")
     has_bnb = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True).returncode == 0
     if "bitsandbytes" in setups and not (has_bnb and torch.cuda.is_available()):
         log.warning("bitsandbytes row skipped (needs bitsandbytes and a GPU)")

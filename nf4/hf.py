@@ -84,6 +84,10 @@ class Nf4Config(QuantizationConfigMixin):
         blocksize: elements per scale, a power of two from 32 to 4096 (bnb: always 64).
         skip_modules: module names (or name suffixes) kept in high precision besides the output
             head (bnb's ``llm_int8_skip_modules``).
+        patch: apply ``nf4.models.patch`` to the loaded model (the fused training path: Triton
+            norms, RoPE, activation and loss, fused LoRA blocks; llama, mistral, qwen2, qwen3,
+            gemma2, phi3, other types load unpatched with one log line). Default False. A choice
+            of this load, not of the format: not saved.
 
     Saved as what it produces: ``to_dict`` is the ``BitsAndBytesConfig`` of the same format, so a
     saved model's ``config.json`` is a bitsandbytes one (``quant_method: "bitsandbytes"``).
@@ -91,7 +95,7 @@ class Nf4Config(QuantizationConfigMixin):
 
     def __init__(self, quant_type: str = "nf4", compress_statistics: bool = True,
                  compute_dtype="bfloat16", blocksize: int = 64,
-                 skip_modules: Optional[list[str]] = None, **kwargs):
+                 skip_modules: Optional[list[str]] = None, patch: bool = False, **kwargs):
         codebook.check_quant_type(quant_type)
         check_blocksize(blocksize)
         compute_dtype = _dtype(compute_dtype, "compute_dtype")
@@ -102,7 +106,9 @@ class Nf4Config(QuantizationConfigMixin):
         if skip_modules is not None and (isinstance(skip_modules, str)
                                          or not all(isinstance(m, str) for m in skip_modules)):
             raise TypeError(f"skip_modules must be a list of module names, got {skip_modules!r}")
+        _check_patch(patch)
         self.quant_method = QUANT_METHOD
+        self.patch = patch
         self.quant_type = quant_type
         self.compress_statistics = compress_statistics
         self.compute_dtype = compute_dtype
@@ -126,7 +132,12 @@ class Nf4Config(QuantizationConfigMixin):
     def __repr__(self) -> str:
         return (f"Nf4Config(quant_type={self.quant_type!r}, compress_statistics={self.compress_statistics}, "
                 f"compute_dtype={self.compute_dtype}, blocksize={self.blocksize}, "
-                f"skip_modules={self.skip_modules})")
+                f"skip_modules={self.skip_modules}, patch={self.patch})")
+
+
+def _check_patch(patch) -> None:
+    if not isinstance(patch, bool):
+        raise TypeError(f"patch must be a bool, got {type(patch).__name__}")
 
 
 def _bnb_settings(config: BitsAndBytesConfig) -> _Settings:
@@ -206,8 +217,10 @@ class Nf4HfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         if isinstance(quantization_config, Nf4Config):
             self.settings = quantization_config.settings()
+            self.patch = quantization_config.patch
         elif isinstance(quantization_config, BitsAndBytesConfig):
             self.settings = _bnb_settings(quantization_config)
+            self.patch = _patch_installed
         else:
             raise TypeError(f"nf4's quantizer takes an Nf4Config or a BitsAndBytesConfig, got "
                             f"{type(quantization_config).__name__}")
@@ -274,11 +287,14 @@ class Nf4HfQuantizer(HfQuantizer):
             c = self.quantization_config
             self.quantization_config = model.config.quantization_config = Nf4Config(
                 c.quant_type, c.compress_statistics, c.compute_dtype, c.blocksize,
-                sorted(self.modules_to_not_convert))
+                sorted(self.modules_to_not_convert), c.patch)
         unquantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear4bit) and not m.quantized]
         if unquantized:
             raise ValueError(f"{len(unquantized)} layer(s) got no weight from the checkpoint, e.g. {unquantized[:3]}")
         nf4.peft.enable_if_available()
+        if self.patch:
+            from nf4 import models  # needs Triton: imported only when asked for
+            models.patch(model)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
@@ -318,9 +334,11 @@ nf4.peft.enable_if_available()
 
 # transformers' quantizer for BitsAndBytesConfig(load_in_4bit=True) while install() is in effect.
 _replaced: Optional[type] = None
+# install(patch=...): whether models loaded from a BitsAndBytesConfig get nf4.models.patch.
+_patch_installed = False
 
 
-def install() -> None:
+def install(patch: bool = False) -> None:
     """Serve bitsandbytes 4-bit configs and checkpoints with nf4 (no bitsandbytes needed).
 
     Exactly one registry entry changes: ``transformers.quantizers.auto.AUTO_QUANTIZER_MAPPING
@@ -333,8 +351,13 @@ def install() -> None:
 
     Served: ``bnb_4bit_quant_type``, ``bnb_4bit_use_double_quant``, ``bnb_4bit_compute_dtype``,
     ``bnb_4bit_quant_storage``, ``llm_int8_skip_modules``; block size 64 as in bitsandbytes.
+
+    ``patch=True``: models loaded this way also get ``nf4.models.patch`` (as ``Nf4Config(patch=
+    True)``); a later ``install()`` sets it again (False by default).
     """
-    global _replaced
+    global _replaced, _patch_installed
+    _check_patch(patch)
+    _patch_installed = patch
     if _replaced is None:
         _replaced = AUTO_QUANTIZER_MAPPING[BNB_4BIT_KEY]
         AUTO_QUANTIZER_MAPPING[BNB_4BIT_KEY] = Nf4HfQuantizer
@@ -344,7 +367,8 @@ def install() -> None:
 def uninstall() -> None:
     """Undo ``install()``: transformers' bitsandbytes 4-bit quantizer again (``nf4.peft.enable``
     stays: it changes nothing for layers that are not nf4's)."""
-    global _replaced
+    global _replaced, _patch_installed
+    _patch_installed = False
     if _replaced is not None:
         AUTO_QUANTIZER_MAPPING[BNB_4BIT_KEY] = _replaced
         _replaced = None

@@ -2,6 +2,7 @@
 replaced by nf4's Triton kernels, one file per architecture family.
 
     model = nf4.from_pretrained(..., patch=True)      # or: nf4.models.patch(model)
+    # transformers: quantization_config=nf4.hf.Nf4Config(patch=True), or nf4.hf.install(patch=True)
     nf4.models.unpatch(model)                          # back to transformers' forwards
 
 The family comes from ``model.config.model_type``; an unknown type runs unpatched (one log line).
