@@ -136,22 +136,25 @@ def glu_backward_with_output(dout: torch.Tensor, gate: torch.Tensor, up: torch.T
     fused LoRA MLP: its down adapter's dA reads it, and it was not kept), in one pass: dgate and
     dup into the given buffers, and the output ``act(gate) * up`` over ``dout``.
 
-    All five: [rows, width] (any leading dimensions), one dtype, one device, contiguous.
-    ``dgate`` may be ``gate`` and ``dup`` may be ``up`` (in place: each element is read before it
-    is written, by the same program): three [rows, width] buffers where ``glu_backward`` plus
-    ``glu_forward`` take five and two passes.
+    All five: [rows, width], one dtype, one device, each contiguous or a 2-D view whose rows are
+    contiguous (gate and up may be the two halves of one [rows, 2 x width] tensor, as Phi-3's
+    fused projection gives them). ``dgate`` may be ``gate`` and ``dup`` may be ``up`` (in place:
+    each element is read before it is written, by the same program): three [rows, width] buffers
+    where ``glu_backward`` plus ``glu_forward`` take five and two passes.
     """
     for name, t in (("dout", dout), ("gate", gate), ("up", up), ("dgate", dgate), ("dup", dup)):
-        if t.shape != gate.shape or t.dtype != gate.dtype or t.device != gate.device or not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous {gate.dtype} {list(gate.shape)} on {gate.device}, "
-                             f"got {'' if t.is_contiguous() else 'non-contiguous '}{t.dtype} {list(t.shape)} "
-                             f"on {t.device}")
+        rows_ok = t.is_contiguous() or (t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1])
+        if t.shape != gate.shape or t.dtype != gate.dtype or t.device != gate.device or not rows_ok:
+            raise ValueError(f"{name} must be {gate.dtype} {list(gate.shape)} on {gate.device} with contiguous "
+                             f"rows, got {'' if rows_ok else 'strides ' + str(t.stride()) + ' '}{t.dtype} "
+                             f"{list(t.shape)} on {t.device}")
     if gate.numel():
-        d2, g2, u2 = _rows(dout), _rows(gate), _rows(up)
+        d2, g2, u2, dg2, du2 = (_rows(t) for t in (dout, gate, up, dgate, dup))
         width = g2.shape[1]
         grid, rows, block = _tiles(gate, *g2.shape)
-        _glu_backward_kernel[grid](d2, g2, u2, _rows(dgate), _rows(dup), g2.shape[0], width, width, width, width,
-                                   width, width, ACT=act, ROWS=rows, BLOCK=block, STORE_OUT=True, num_warps=4)
+        _glu_backward_kernel[grid](d2, g2, u2, dg2, du2, g2.shape[0], width, d2.stride(0), g2.stride(0),
+                                   u2.stride(0), dg2.stride(0), du2.stride(0),
+                                   ACT=act, ROWS=rows, BLOCK=block, STORE_OUT=True, num_warps=4)
 
 
 class GLUFunction(torch.autograd.Function):

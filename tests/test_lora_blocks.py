@@ -20,6 +20,7 @@ from tests.conftest import DEVICE
 ACTS = {SWIGLU: F.silu, GEGLU: lambda g: F.gelu(g, approximate="tanh")}
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 QKV_NAMES = ("q_proj", "k_proj", "v_proj")
+GATE_UP_NAMES = ("gate_up_proj", "down_proj")
 # fp32: the block computes the layers' sums in another grouping (x [A_g; A_u]^T as one GEMM, dx as
 # G [A_g; A_u] + dgate W_g + dup W_u instead of two per-layer sums added by autograd). Rounding
 # of a sum scales with the sum of its terms' magnitudes, not with the result: a gradient whose
@@ -69,6 +70,18 @@ def mlp_block(hidden, width, ranks=(4, 4, 4), alphas=(8.0, 8.0, 8.0), bias=False
 def qkv_block(hidden, outs=(24, 8, 8), ranks=(4, 4, 4), alphas=(8.0, 8.0, 8.0), bias=False, seed=0, **kwargs):
     torch.manual_seed(seed)
     return Block(QKV_NAMES, [quant_layer(hidden, o, r, a, bias, **kwargs) for o, r, a in zip(outs, ranks, alphas)])
+
+
+def gate_up_block(hidden, width, ranks=(4, 4), alphas=(8.0, 8.0), bias=False, seed=0, **kwargs):
+    """Phi-3's MLP: one gate_up_proj (gate first) and down_proj."""
+    torch.manual_seed(seed)
+    shapes = ((hidden, 2 * width), (width, hidden))
+    return Block(GATE_UP_NAMES, [quant_layer(i, o, r, a, bias, **kwargs) for (i, o), r, a in zip(shapes, ranks, alphas)])
+
+
+def unfused_gate_up(module, x, act):
+    gate, up = module.gate_up_proj(x).chunk(2, dim=-1)
+    return module.down_proj(ACTS[act](gate) * up)
 
 
 def unfused_mlp(module, x, act):
@@ -164,6 +177,24 @@ def test_mlp_block_matches_the_layers_fp32(hidden, width, batch, seq, ranks, alp
     check_fp32(fused, lambda m: lambda x: unfused_mlp(m, x, act), module, x)
 
 
+# ------------------------------------------------------------------------------- Phi-3 MLP, fp32
+@settings(max_examples=20, deadline=None)
+@given(hidden=st.integers(1, 70), width=st.integers(1, 130), tokens=st.integers(1, 13),
+       ranks=st.tuples(*[st.integers(1, 5)] * 2), alphas=st.tuples(*[st.sampled_from([0.5, 8.0, 40.0])] * 2),
+       bias=st.booleans(), act=st.sampled_from([SWIGLU, GEGLU]), recompute=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_gate_up_block_matches_the_layers_fp32(hidden, width, tokens, ranks, alphas, bias, act, recompute, seed):
+    module = gate_up_block(hidden, width, ranks, alphas, bias, seed)
+    x = torch.randn(tokens, hidden, device=DEVICE)
+
+    def fused(x):
+        y = lora_blocks.gate_up_mlp(module, x, act, recompute)
+        assert y is not None and "LoraGateUpMLPBackward" in graph_names(y)
+        return y
+
+    check_fp32(fused, lambda m: lambda x: unfused_gate_up(m, x, act), module, x)
+
+
 # ------------------------------------------------------------------------------- QKV, fp32
 @settings(max_examples=20, deadline=None)
 @given(hidden=st.integers(1, 70), outs=st.tuples(*[st.integers(1, 50)] * 3), tokens=st.integers(1, 13),
@@ -231,6 +262,15 @@ def test_mlp_block_bf16(autocast, act, recompute):
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16-compute", "autocast"])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_gate_up_block_bf16(autocast, recompute):
+    module = gate_up_block(96, 200, ranks=(8, 8), alphas=(16.0, 16.0), bias=True, compute_dtype=torch.bfloat16)
+    x = torch.randn(3, 37, 96, device=DEVICE)
+    check_bf16(module, lambda x: lora_blocks.gate_up_mlp(module, x, SWIGLU, recompute),
+               lambda x: unfused_gate_up(module, x, SWIGLU), x, autocast)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-compute", "autocast"])
 def test_qkv_block_bf16(autocast):
     module = qkv_block(96, (64, 16, 16), ranks=(8, 8, 8), alphas=(16.0, 16.0, 16.0), bias=True,
                        compute_dtype=torch.bfloat16)
@@ -284,6 +324,22 @@ def test_mlp_block_keeps_no_intermediate_activation():
                                      (width, rank), (width, rank), (rank, width), (hidden, rank)])
 
 
+def test_gate_up_block_keeps_no_intermediate_activation():
+    """Phi-3's block: recomputing keeps no [tokens, 2 x intermediate] gate_up output (the layers
+    keep it, and the activation's input halves and output); keeping, exactly that one."""
+    tokens, hidden, width, rank = 16, 32, 256, 4
+    module = gate_up_block(hidden, width, ranks=(rank, rank))
+    x = torch.randn(tokens, hidden, device=DEVICE, requires_grad=True)
+    unfused = saved_shapes(lambda x: unfused_gate_up(module, x, SWIGLU), x)
+    assert unfused.count((tokens, width)) >= 3  # gate, up (views of gate_up) and act(gate) * up
+    kept = saved_shapes(lambda x: lora_blocks.gate_up_mlp(module, x, SWIGLU, recompute=False), x)
+    assert kept.count((tokens, 2 * width)) == 1 and (tokens, width) not in kept
+    shapes = saved_shapes(lambda x: lora_blocks.gate_up_mlp(module, x, SWIGLU), x)
+    # x, x A_gu^T, h A_d^T, A_gu, B_gu, A_d, B_d: the input plus rank-sized tensors
+    assert sorted(shapes) == sorted([(tokens, hidden), (tokens, rank), (tokens, rank), (rank, hidden),
+                                     (2 * width, rank), (rank, width), (hidden, rank)])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("recompute", [True, False])
 def test_mlp_block_memory_at_llama_8b_shapes(recompute):
@@ -318,16 +374,18 @@ def test_mlp_block_memory_at_llama_8b_shapes(recompute):
                lambda x: unfused_mlp(module, x, SWIGLU), x.detach().float(), autocast=True)
 
 
-def test_second_backward_recomputes_or_refuses():
+@pytest.mark.parametrize("gate_up", [False, True], ids=["gate+up", "gate_up"])
+def test_second_backward_recomputes_or_refuses(gate_up):
     """Recomputing, the graph can be run backward twice (retain_graph) with the same result; keeping
     gate and up, backward overwrites them and a second backward is refused by autograd's version
     check instead of reading them."""
-    module = mlp_block(40, 72)
+    module = gate_up_block(40, 72) if gate_up else mlp_block(40, 72)
+    block = lora_blocks.gate_up_mlp if gate_up else lora_blocks.mlp
     x = torch.randn(5, 40, device=DEVICE, requires_grad=True)
-    y = lora_blocks.mlp(module, x, SWIGLU)
+    y = block(module, x, SWIGLU)
     first = torch.autograd.grad(y.sum(), x, retain_graph=True)[0]
     torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], first, rtol=0, atol=0)
-    y = lora_blocks.mlp(module, x, SWIGLU, recompute=False)
+    y = block(module, x, SWIGLU, recompute=False)
     torch.testing.assert_close(torch.autograd.grad(y.sum(), x, retain_graph=True)[0], first, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(y.sum(), x)
@@ -380,6 +438,19 @@ def test_mlp_block_falls_back(change):
     change(module)
     x = torch.randn(5, 40, device=DEVICE, requires_grad=True)
     assert lora_blocks.mlp(module, x, SWIGLU) is None
+
+
+def test_gate_up_block_falls_back():
+    module = gate_up_block(40, 36)
+    x = torch.randn(5, 40, device=DEVICE)
+    assert lora_blocks.gate_up_mlp(module, x, SWIGLU) is not None
+    module.down_proj.lora_dropout = 0.1  # a layer that cannot join
+    assert lora_blocks.gate_up_mlp(module, x, SWIGLU) is None
+    odd = gate_up_block(40, 36)
+    odd.down_proj = quant_layer(35, 40, 4, 8.0)  # gate_up's 72 outputs are not 2 x 35
+    assert lora_blocks.gate_up_mlp(odd, x, SWIGLU) is None
+    del module.gate_up_proj
+    assert lora_blocks.gate_up_mlp(module, x, SWIGLU) is None
 
 
 def test_dropout_falls_back_only_while_training():
@@ -437,13 +508,15 @@ def loss_and_grads(model, **options):
 
 
 @pytest.mark.parametrize("model_type, recompute", [("llama", True), ("llama", False), ("qwen2", True),
-                                                   ("gemma2", True)])  # SwiGLU, q/k/v biases, GeGLU
+                                                   ("gemma2", True), ("phi3", True), ("phi3", False)])
 def test_patched_model_with_blocks_matches_without(model_type, recompute):
+    # SwiGLU, q/k/v biases, GeGLU, Phi-3's gate_up (its one qkv_proj is one layer call: no block)
     model = quantized_tiny(model_type)
     loss, grads, names = loss_and_grads(model, fused_lora=True, recompute_mlp=recompute)
     want, want_grads, plain_names = loss_and_grads(model, fused_lora=False)
-    assert {"LoraMLPBackward", "LoraQKVBackward"} <= names
-    assert not {"LoraMLPBackward", "LoraQKVBackward"} & plain_names
+    blocks = {"LoraGateUpMLPBackward"} if model_type == "phi3" else {"LoraMLPBackward", "LoraQKVBackward"}
+    assert blocks <= names
+    assert not {"LoraMLPBackward", "LoraGateUpMLPBackward", "LoraQKVBackward"} & plain_names
     # fp32, one layer: the blocks' other grouping of sums (FP32_REL), carried through attention and
     # the loss: 2e-5 as tests/test_models.py's TOL.
     torch.testing.assert_close(loss, want, atol=2e-5, rtol=2e-5)
@@ -538,9 +611,13 @@ def test_peft_states_that_fall_back():
 # ------------------------------------------------------------------------------- the GLU kernel
 @pytest.mark.parametrize("act", [SWIGLU, GEGLU])
 @pytest.mark.parametrize("in_place", [True, False])
-def test_glu_backward_with_output(act, in_place):
+@pytest.mark.parametrize("halves", [False, True], ids=["separate", "halves"])
+def test_glu_backward_with_output(act, in_place, halves):
     g = torch.Generator().manual_seed(0)
     gate, up, dout = (torch.randn(3, 5, 37, generator=g).to(DEVICE) * s for s in (3, 1, 1))
+    if halves:  # Phi-3: gate and up are the two halves of one projection's [rows, 2 x width] output
+        gate_up = torch.cat((gate, up), -1).view(15, 74)
+        gate, up, dout = gate_up[:, :37], gate_up[:, 37:], dout.view(15, 37)
     gate_ref = gate.detach().clone().requires_grad_()
     up_ref = up.detach().clone().requires_grad_()
     out_ref = ACTS[act](gate_ref) * up_ref
@@ -554,7 +631,13 @@ def test_glu_backward_with_output(act, in_place):
 
 def test_glu_backward_with_output_checks_buffers():
     t = torch.zeros(4, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="dup must be contiguous"):
+    with pytest.raises(ValueError, match=r"dup must be .* with contiguous rows, got strides \(1, 4\)"):
         glu_backward_with_output(t, t.clone(), t.clone(), SWIGLU, t.clone(), torch.zeros(8, 4, device=DEVICE).t())
-    with pytest.raises(ValueError, match="dout must be contiguous"):
+    with pytest.raises(ValueError, match=r"dout must be torch.float32 \[4, 8\] .* got torch.float64"):
         glu_backward_with_output(t.double(), t, t, SWIGLU, t, t)
+    wide = torch.zeros(4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="gate must be .* with contiguous rows, got strides"):  # rows overlap
+        glu_backward_with_output(t, wide.as_strided((4, 8), (4, 1)), t, SWIGLU, t, t)
+    with pytest.raises(ValueError, match="up must be .* with contiguous rows, got strides"):  # 3-D, not dense
+        glu_backward_with_output(t.view(2, 2, 8), t.view(2, 2, 8), wide.view(2, 2, 16)[..., 8:], SWIGLU,
+                                 t.view(2, 2, 8), t.view(2, 2, 8))

@@ -175,6 +175,10 @@ def _geglu_mlp_forward(self, x):
 def _fused_swiglu_mlp_forward(self, x):  # Phi-3: gate_up_proj, gate first
     if not kernels_run_on(x.device):
         return self._nf4_unpatched_forward(x)
+    if getattr(self, "_nf4_fused_lora", False):
+        y = lora_blocks.gate_up_mlp(self, x, lora_blocks.SWIGLU, self._nf4_lora_recompute)
+        if y is not None:
+            return y
     gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
     return self.down_proj(swiglu(gate, up))
 
@@ -197,12 +201,14 @@ FUSED_SWIGLU_MLP = _fused_swiglu_mlp_forward
 # The patched forwards that can run a fused LoRA block, and the projections the block needs.
 _BLOCK_PROJECTIONS = {_swiglu_mlp_forward: ("gate_proj", "up_proj", "down_proj"),
                       _geglu_mlp_forward: ("gate_proj", "up_proj", "down_proj"),
+                      _fused_swiglu_mlp_forward: ("gate_up_proj", "down_proj"),
                       _attention_forward: ("q_proj", "k_proj", "v_proj")}
 
 
 def set_lora_blocks(model: nn.Module, fused: bool, recompute: bool) -> int:
     """Turn the fused LoRA blocks (``nf4.models.lora_blocks``) on or off in every patched gated
-    MLP and attention with separate projections; ``recompute``: the MLP block rebuilds gate and up
+    MLP (separate gate and up, or Phi-3's one gate_up) and attention with separate q, k, v
+    projections; ``recompute``: the MLP block rebuilds gate and up
     in backward instead of keeping them. Returns how many modules have them on (each still falls
     back per call when its layers do not allow it)."""
     count = 0

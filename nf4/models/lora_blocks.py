@@ -1,8 +1,12 @@
-"""Fused LoRA blocks: a gated MLP (gate, up, activation, down) and the attention's q, k, v
-projections, each with their adapters on 4-bit weights, as one ``autograd.Function`` apiece.
+"""Fused LoRA blocks: a gated MLP (gate, up, activation, down; or Phi-3's gate_up, activation,
+down) and the attention's q, k, v projections, each with their adapters on 4-bit weights, as one
+``autograd.Function`` apiece.
 
     y = lora_blocks.mlp(mlp_module, x, SWIGLU)        # None: run the module's own layers
+    y = lora_blocks.gate_up_mlp(phi3_mlp, x, SWIGLU)  # one gate_up_proj, gate first
     qkv = lora_blocks.qkv(attention_module, x)         # (q, k, v) or None
+
+(Phi-3's one ``qkv_proj`` is one layer call already: no block.)
 
 Each projection is ``x W^T + b + s x A^T B^T`` with W a frozen 4-bit weight (``PackedWeight``), b a
 frozen bias and (A, B) a trainable adapter, computed by ``nf4.autograd.adapted_matmul`` (the
@@ -42,8 +46,8 @@ Note: when a block falls back.
       - no hooks or instance-level ``forward`` on the layers (they would be skipped; peft's
         mixed-batch ``adapter_names`` is such a hook; global module hooks are not looked at), and
         no bias that requires a gradient;
-      - one compute dtype for all three projections; in the MLP, gate/up's output width equals
-        down's input width.
+      - one compute dtype for all the block's projections; in the MLP, gate/up's output width
+        equals down's input width (Phi-3's gate_up: twice it).
     A block that falls back costs only these checks.
 """
 from __future__ import annotations
@@ -60,7 +64,7 @@ from nf4.kernels.glu import GEGLU, SWIGLU, glu_backward_with_output, glu_forward
 from nf4.nn import QuantLinear4bit
 from nf4.weight import PackedWeight, eager, packed_weight
 
-__all__ = ["mlp", "qkv", "LoraMLP", "LoraQKV", "SWIGLU", "GEGLU"]
+__all__ = ["mlp", "gate_up_mlp", "qkv", "LoraMLP", "LoraGateUpMLP", "LoraQKV", "SWIGLU", "GEGLU"]
 
 
 class Projection(NamedTuple):
@@ -255,6 +259,69 @@ class LoraMLP(torch.autograd.Function):
         return dx, dA_gate, dB_gate, dA_up, dB_up, dA_down, dB_down, None
 
 
+class LoraGateUpMLP(torch.autograd.Function):
+    """``down(act(gate) * up)`` where gate and up are the two halves of one projection's output
+    (Phi-3's ``gate_up_proj``, gate first), with both adapters; otherwise as ``LoraMLP`` (See Note:
+    what the MLP block keeps: here gate and up are one [T, 2 x intermediate] buffer, and dgate,
+    dup are written over it, so backward's dgu is that buffer).
+
+    Inputs: x [T, hidden] (2-D), A and B of gate_up, A and B of down, then ``rest`` = (gate_up,
+    down ``Projection``s, act, compute dtype, output dtype, recompute). Returns [T, hidden] in the
+    output dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A_gu, B_gu, A_down, B_down, rest):
+        gate_up, down, act, compute_dtype, out_dtype, recompute = rest
+        c = compute_dtype
+        x2 = _cast(x, c)
+        A, B, Ad, Bd = _cast(A_gu, c), _cast(B_gu, c), _cast(A_down, c), _cast(B_down, c)
+        xa = F.linear(x2, A)                                                # [T, r]
+        gu = adapted_matmul(x2, _cast(gate_up.bias, c), xa, B, gate_up.weight, gate_up.scale, c)
+        width = gu.shape[1] // 2
+        h = glu_forward(gu[:, :width], gu[:, width:], act)
+        if recompute:
+            gu = None  # freed here, rebuilt in backward
+        xa_d = F.linear(h, Ad)                                              # [T, rd]
+        y = adapted_matmul(h, _cast(down.bias, c), xa_d, Bd, down.weight, down.scale, c)
+        del h
+        ctx.save_for_backward(x2, xa, xa_d, A, B, Ad, Bd, gu)
+        ctx.meta = (gate_up, down, act, c, x.dtype, (A_gu.dtype, A_down.dtype), (B_gu.dtype, B_down.dtype))
+        return _cast(y, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, xa_d, A, B, Ad, Bd, gu = ctx.saved_tensors
+        gate_up, down, act, c, x_dtype, A_dtypes, B_dtypes = ctx.meta
+        needs = ctx.needs_input_grad
+        dy2 = _cast(dy, c)
+        g_d = dy2 @ Bd                                                      # [T, rd]
+        dB_down = scaled_mm(dy2.t(), xa_d, down.scale, Bd, B_dtypes[1]) if needs[4] else None
+        if gu is None:  # See Note: what the MLP block keeps.
+            gu = adapted_matmul(x2, _cast(gate_up.bias, c), xa, B, _fresh(gate_up), gate_up.scale, c)
+        else:  # the kernel's writes below bypass autograd's version counters: bumped here
+            torch.autograd.graph.increment_version(gu)
+        width = gu.shape[1] // 2
+        g, u = gu[:, :width], gu[:, width:]
+        dh = torch.addmm(g, g_d, Ad, beta=0, alpha=down.scale)             # g lends its shape
+        W = _fresh(down).dequantize(c)
+        dh.addmm_(dy2, W)
+        del W
+        # dgate and dup over gate and up (so gu becomes d(gate_up)), act(gate) * up over dh.
+        glu_backward_with_output(dh, g, u, act, g, u)
+        dgu, h = gu, dh
+        dA_down = scaled_mm(g_d.t(), h, down.scale, Ad, A_dtypes[1]) if needs[3] else None
+        del h, dh, g, u
+        dB_gu = scaled_mm(dgu.t(), xa, gate_up.scale, B, B_dtypes[0]) if needs[2] else None
+        dx = dA_gu = None
+        if needs[0] or needs[1]:
+            G = dgu @ B                                                     # [T, r]
+            alpha, (dA_gu,) = _adapter_grads(G, (gate_up,), x2, A, (needs[1],), (A.shape[0],), A_dtypes[:1])
+            if needs[0]:
+                dx = _input_grad(x2, G, A, alpha, ((dgu, gate_up),), c, x_dtype)
+        return dx, dA_gu, dB_gu, dA_down, dB_down, None
+
+
 class LoraQKV(torch.autograd.Function):
     """q, k, v projections of one input with their adapters; See Note: what the QKV block shares.
 
@@ -317,6 +384,27 @@ def mlp(module: nn.Module, x: torch.Tensor, act: int, recompute: bool = True) ->
     # 2-D in and out, reshaped out here: an output that is not a view made inside the Function
     # may be modified in place by the caller.
     y = LoraMLP.apply(x2, gate.A, gate.B, up.A, up.B, down.A, down.B, (gate, up, down, act, *dtypes, recompute))
+    return y.view(*x.shape[:-1], down.weight.out_features)
+
+
+def gate_up_mlp(module: nn.Module, x: torch.Tensor, act: int, recompute: bool = True) -> Optional[torch.Tensor]:
+    """``module.down_proj(act(gate) * up)`` with ``gate, up = module.gate_up_proj(x).chunk(2, -1)``
+    (Phi-3) through ``LoraGateUpMLP``, or None when the block falls back (See Note: when a block
+    falls back; gate_up's output width must be twice down's input width)."""
+    if not eager(x) or x.dim() == 0 or not x.dtype.is_floating_point:
+        return None
+    projections = tuple(projection(getattr(module, n, None), x) for n in ("gate_up_proj", "down_proj"))
+    if None in projections:
+        return None
+    gate_up, down = projections
+    hidden = x.shape[-1]
+    if gate_up.weight.in_features != hidden or gate_up.weight.out_features != 2 * down.weight.in_features:
+        return None
+    dtypes = _dtypes(x, projections)
+    if dtypes is None:
+        return None
+    x2 = x.reshape(-1, hidden)
+    y = LoraGateUpMLP.apply(x2, gate_up.A, gate_up.B, down.A, down.B, (gate_up, down, act, *dtypes, recompute))
     return y.view(*x.shape[:-1], down.weight.out_features)
 
 
