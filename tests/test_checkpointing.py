@@ -1,6 +1,8 @@
 """nf4.models.checkpointing: per-layer recomputation (and CPU offload on CUDA) gives the same
 loss and gradients as the model without checkpointing."""
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -105,3 +107,22 @@ def test_trainable_or_tied_embeddings_stay():
     tied.model.embed_tokens.weight.requires_grad_(False)
     assert not checkpointing.offload_embeddings(tied)  # lm_head would move with it
     assert "forward" not in vars(tied.model.embed_tokens)
+
+
+def test_a_graph_dropped_without_backward_frees_the_saved_inputs():
+    # A forward whose loss is never backpropagated (an evaluation in train mode, an exception
+    # before backward): the layer inputs checkpointing kept belong to that graph and go with it,
+    # not only at the next forward (a model-wide list of the last forward's contexts would hold
+    # every non-offloaded layer's [batch, seq, hidden] input and its call's arguments until then).
+    model = tiny_model("llama", layers=3)
+    model.train()
+    checkpointing.enable(model, offload=False)
+    inputs = []
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda module, args: inputs.append(weakref.ref(args[0])))
+    ids, labels = batch(model.config.vocab_size)
+    loss = model(input_ids=ids, labels=labels).loss
+    assert len(inputs) == 3 and all(ref() is not None for ref in inputs)
+    del loss
+    gc.collect()
+    assert [ref() is None for ref in inputs] == [True] * 3
