@@ -86,6 +86,24 @@ def test_unpatch_restores_transformers_forwards():
     assert model(input_ids=ids, labels=labels).logits is not None
 
 
+def test_patch_keeps_accelerate_hooks():
+    # accelerate (device_map dispatch, CPU offload) wraps an instance's forward and calls
+    # module._old_forward inside; a patched module must still run inside that wrapper, or the hook's
+    # pre_forward (weights onto the execution device, inputs moved) never runs. transformers
+    # dispatches before the quantizer's postprocess: Nf4Config(patch=True) with a multi-device
+    # device_map patches hooked modules.
+    accelerate = pytest.importorskip("accelerate")
+    ref = tiny_model("llama")
+    ids, _ = batch(ref.config.vocab_size)
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+    model = copy.deepcopy(ref)
+    accelerate.cpu_offload(model, execution_device=DEVICE)  # weights on meta until each pre_forward
+    assert models.patch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, **TOL)
+
+
 @pytest.mark.parametrize("model_type", list(CONFIGS))
 def test_cpu_outside_the_interpreter_runs_transformers_forwards(model_type, monkeypatch):
     # Triton cannot run CPU tensors without the interpreter: every patched forward hands them to

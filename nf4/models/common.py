@@ -35,15 +35,23 @@ def kernels_run_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+def _forward_slot(module: nn.Module) -> str:
+    # accelerate's hooks (device_map dispatch, offload) replace the instance's forward with a
+    # wrapper that moves inputs and weights, then calls module._old_forward: patched there, the
+    # wrapper still runs around the patched forward.
+    return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
+
+
 def _replace_forward(module: nn.Module, forward: Callable) -> None:
+    slot = _forward_slot(module)
     if not hasattr(module, "_nf4_unpatched_forward"):
-        module._nf4_unpatched_forward = module.forward
-    module.forward = types.MethodType(forward, module)
+        module._nf4_unpatched_forward = getattr(module, slot)
+    setattr(module, slot, types.MethodType(forward, module))
 
 
 def unpatch_module(module: nn.Module) -> None:
     if hasattr(module, "_nf4_unpatched_forward"):
-        module.forward = module._nf4_unpatched_forward
+        setattr(module, _forward_slot(module), module._nf4_unpatched_forward)
         del module._nf4_unpatched_forward
 
 
@@ -213,7 +221,7 @@ def set_lora_blocks(model: nn.Module, fused: bool, recompute: bool) -> int:
     back per call when its layers do not allow it)."""
     count = 0
     for module in model.modules():
-        names = _BLOCK_PROJECTIONS.get(getattr(module.__dict__.get("forward"), "__func__", None))
+        names = _BLOCK_PROJECTIONS.get(getattr(module.__dict__.get(_forward_slot(module)), "__func__", None))
         if names is not None and all(hasattr(module, n) for n in names):
             module._nf4_fused_lora, module._nf4_lora_recompute = fused, recompute
             count += fused
