@@ -196,6 +196,33 @@ def test_patch_argument_patches_the_loaded_model(fixtures, how):
     torch.testing.assert_close(out.loss, plain(input_ids=ids, labels=ids).loss, rtol=1e-3, atol=0)
 
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_patch_argument_with_a_device_map_over_two_gpus(fixtures):
+    # transformers dispatches a multi-device map (accelerate hooks that move each module's inputs
+    # to its device) before the quantizer's postprocess patches the model: the patched forwards
+    # must run inside those hooks (before 6d7ed50 they replaced them: layer 1's norm got cuda:0
+    # inputs with a cuda:1 weight).
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
+                  "model.norm": 1, "lm_head": 1}
+
+    def loaded(patch):
+        return AutoModelForCausalLM.from_pretrained(
+            fixtures / "tiny_llama_bf16", device_map=device_map,
+            quantization_config=nf4.hf.Nf4Config(compute_dtype=torch.bfloat16, patch=patch))
+
+    plain, fused = loaded(False), loaded(True)
+    assert not patched(plain) and patched(fused)
+    ids = torch.randint(3, 1024, (2, 16), generator=torch.Generator().manual_seed(1))
+    # as test_patch_argument_patches_the_loaded_model: bf16 rounding at other points, 0.05
+    torch.testing.assert_close(logits(fused, ids), logits(plain, ids), rtol=0, atol=0.05)
+    fused.train()
+    ids = ids.to(fused.device)
+    torch.testing.assert_close(fused(input_ids=ids, labels=ids).loss, plain(input_ids=ids, labels=ids).loss,
+                               rtol=1e-3, atol=0)
+
+
 # ------------------------------------------------------------------------------- peft
 def test_peft_all_linear_prepare_and_merge(fixtures):
     model = load(fixtures / "tiny_llama_bf16", nf4.hf.Nf4Config())
