@@ -43,6 +43,17 @@ def test_same_gradients_as_without_checkpointing(offload, frozen_embeddings, pat
         assert torch.equal(got[name], want[name]), name
 
 
+def test_a_second_backward_is_refused_clearly():
+    model = tiny_model("llama")
+    model.train()
+    checkpointing.enable(model, offload=False)
+    ids, labels = batch(model.config.vocab_size)
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="checkpointed layer's backward ran twice"):
+        loss.backward()
+
+
 def test_disable_restores_layers_and_eval_skips_recompute():
     model = tiny_model("llama")
     checkpointing.enable(model, offload=False)

@@ -196,7 +196,6 @@ def test_patch_argument_patches_the_loaded_model(fixtures, how):
     torch.testing.assert_close(out.loss, plain(input_ids=ids, labels=ids).loss, rtol=1e-3, atol=0)
 
 
-
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_patch_argument_with_a_device_map_over_two_gpus(fixtures):

@@ -57,6 +57,9 @@ class _CheckpointedLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.run is None:
+            raise RuntimeError("a checkpointed layer's backward ran twice (retain_graph=True): nf4's checkpointing "
+                               "frees the layer's saved input after the first; recompute with a new forward")
         if ctx.copied is not None:
             ctx.copied.synchronize()
             hidden = ctx.saved.to(ctx.device, non_blocking=True)
