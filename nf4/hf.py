@@ -21,6 +21,7 @@ peft wrap nf4's layers (``nf4.peft.enable``). Works with transformers 5.17 to 5.
 """
 from __future__ import annotations
 
+import logging
 import types
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -38,12 +39,14 @@ try:
     from transformers import BitsAndBytesConfig
     from transformers.core_model_loading import ConversionOps, WeightConverter
     from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoHfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
     from transformers.utils.quantization_config import QuantizationConfigMixin
 except ImportError as e:  # optional dependency: this module is the transformers integration
     raise ImportError(f"nf4.hf plugs nf4 into transformers 5 (tested 5.17 to 5.23): pip install 'nf4[train]' "
                       f"({e})") from e
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Nf4Config", "Nf4HfQuantizer", "install", "uninstall", "installed"]
 
@@ -91,6 +94,13 @@ class Nf4Config(QuantizationConfigMixin):
 
     Saved as what it produces: ``to_dict`` is the ``BitsAndBytesConfig`` of the same format, so a
     saved model's ``config.json`` is a bitsandbytes one (``quant_method: "bitsandbytes"``).
+
+    For a checkpoint already quantized by bitsandbytes (4-bit, uint8 storage: a Hub "bnb-4bit"
+    model, or a folder nf4 saved) the checkpoint loads as stored: its quant type, double quant,
+    block size and list of unquantized modules; ``compute_dtype`` and ``patch`` are this config's
+    (a differing format option is logged and ignored). transformers itself refuses a config of
+    another class than the checkpoint's; importing this module lets an Nf4Config through for
+    these checkpoints only.
     """
 
     def __init__(self, quant_type: str = "nf4", compress_statistics: bool = True,
@@ -114,6 +124,9 @@ class Nf4Config(QuantizationConfigMixin):
         self.compute_dtype = compute_dtype
         self.blocksize = blocksize
         self.skip_modules = None if skip_modules is None else list(skip_modules)
+        # Set by _merge_configs for a bitsandbytes 4-bit checkpoint: skip_modules is then the
+        # checkpoint's complete list (bnb's meaning), not an addition to the defaults.
+        self._from_bnb = False
         unknown = sorted(k for k in kwargs if k != "quant_method")
         if unknown:
             raise TypeError(f"Nf4Config got unknown arguments {unknown}")
@@ -138,6 +151,53 @@ class Nf4Config(QuantizationConfigMixin):
 def _check_patch(patch) -> None:
     if not isinstance(patch, bool):
         raise TypeError(f"patch must be a bool, got {type(patch).__name__}")
+
+
+def _bnb_as_nf4(stored: BitsAndBytesConfig, asked: Nf4Config) -> Nf4Config:
+    """The Nf4Config that loads a bitsandbytes 4-bit checkpoint (``stored``) for a caller who passed
+    ``asked``: the checkpoint's format (quant type, double quant, block size 64, its skip list), the
+    caller's compute dtype and patch switch."""
+    if not stored.load_in_4bit:
+        raise ValueError("this checkpoint is bitsandbytes 8-bit; nf4 serves 4-bit checkpoints only "
+                         "(load it with bitsandbytes, without quantization_config=Nf4Config)")
+    settings = _bnb_settings(stored)
+    if settings.quant_storage != torch.uint8:
+        raise ValueError(f"this bitsandbytes checkpoint stores its 4-bit codes as {settings.quant_storage} "
+                         "(bnb_4bit_quant_storage), which Nf4Config does not express: call nf4.hf.install() and "
+                         "load it without quantization_config")
+    differ = [f"{name} {mine!r} (stored: {theirs!r})" for name, mine, theirs in (
+        ("quant_type", asked.quant_type, settings.quant_type),
+        ("compress_statistics", asked.compress_statistics, settings.compress_statistics),
+        ("blocksize", asked.blocksize, settings.blocksize)) if mine != theirs]
+    if differ:
+        log.warning("nf4.hf: the checkpoint is already 4-bit and loads as stored; ignoring Nf4Config's %s",
+                    ", ".join(differ))
+    if asked.skip_modules is not None:
+        log.warning("nf4.hf: the checkpoint is already 4-bit: its own list of unquantized modules applies, "
+                    "not Nf4Config's skip_modules %s", asked.skip_modules)
+    merged = Nf4Config(settings.quant_type, settings.compress_statistics, asked.compute_dtype, settings.blocksize,
+                       settings.skip_modules, asked.patch)
+    merged._from_bnb = True
+    return merged
+
+
+def _merge_configs(merge):
+    """Wraps transformers' ``AutoHfQuantizer.merge_quantization_configs`` (the checkpoint's config
+    against the one passed to ``from_pretrained``), which refuses a config of another class than
+    the checkpoint's: an Nf4Config for a bitsandbytes 4-bit checkpoint becomes ``_bnb_as_nf4``.
+    Every other pair goes to transformers unchanged."""
+
+    def merge_quantization_configs(cls, stored, passed):
+        if isinstance(passed, Nf4Config):
+            config = stored
+            if isinstance(config, dict) and config.get("quant_method") == "bitsandbytes":
+                config = BitsAndBytesConfig.from_dict(config)
+            if isinstance(config, BitsAndBytesConfig):
+                return _bnb_as_nf4(config, passed)
+        return merge.__func__(cls, stored, passed)
+
+    merge_quantization_configs._nf4_wrapped = merge
+    return classmethod(merge_quantization_configs)
 
 
 def _bnb_settings(config: BitsAndBytesConfig) -> _Settings:
@@ -168,7 +228,16 @@ class _Quantize(ConversionOps):
 
 
 class _Deserialize(ConversionOps):
-    """A bnb-4bit weight's checkpoint tensors (bytes + state) -> the weight of its layer."""
+    """A bnb-4bit weight's checkpoint tensors (bytes + state) -> the weight of its layer.
+
+    Note: saving a model loaded from 4-bit bytes.
+        transformers keeps the converters a load used (``model._weight_conversions``) and runs
+        their reverse on ``save_pretrained``; this op has none to give (``reverse_op`` raises
+        NotImplementedError), and needs none: the 4-bit layers' state dict already holds the
+        checkpoint's names and bytes. So the quantizer drops its converters from that list once
+        the weights are in (transformers 5.23 failed ``save_pretrained`` of any pre-quantized
+        load without this).
+    """
 
     def __init__(self, hf_quantizer):
         self.hf_quantizer = hf_quantizer
@@ -239,9 +308,10 @@ class Nf4HfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
         s = self.settings
         # Nf4Config's skip_modules add to the defaults (the output head); bnb's replace them.
+        config = self.quantization_config
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, s.skip_modules, getattr(model, "_keep_in_fp32_modules", None) or [],
-            add_default_skips=isinstance(self.quantization_config, Nf4Config))
+            add_default_skips=isinstance(config, Nf4Config) and not config._from_bnb)
         for name, module in list(model.named_modules()):
             if type(module) is not nn.Linear or not should_convert_module(name, self.modules_to_not_convert):
                 continue
@@ -281,13 +351,19 @@ class Nf4HfQuantizer(HfQuantizer):
         model.is_4bit_serializable = True
         # See Note: num_parameters of a 4-bit model.
         model.num_parameters = types.MethodType(_num_parameters, model)
-        if isinstance(self.quantization_config, Nf4Config) and self.settings.skip_modules is not None:
+        config = self.quantization_config
+        if isinstance(config, Nf4Config) and not config._from_bnb and self.settings.skip_modules is not None:
             # A saved config lists every module left in high precision: bnb's loader reads the
             # list as complete (it would otherwise make the output head 4-bit too).
             c = self.quantization_config
             self.quantization_config = model.config.quantization_config = Nf4Config(
                 c.quant_type, c.compress_statistics, c.compute_dtype, c.blocksize,
                 sorted(self.modules_to_not_convert), c.patch)
+        # See Note: saving a model loaded from 4-bit bytes.
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [c for c in conversions
+                                         if not any(isinstance(op, _Deserialize) for op in getattr(c, "operations", ()))]
         unquantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear4bit) and not m.quantized]
         if unquantized:
             raise ValueError(f"{len(unquantized)} layer(s) got no weight from the checkpoint, e.g. {unquantized[:3]}")
@@ -330,6 +406,9 @@ def _register() -> None:
 
 
 _register()
+# Wrapped once: a reload of this module wraps transformers' own function again, not its wrapper.
+_merge = AutoHfQuantizer.merge_quantization_configs
+AutoHfQuantizer.merge_quantization_configs = _merge_configs(getattr(_merge, "_nf4_wrapped", _merge))
 nf4.peft.enable_if_available()
 
 # transformers' quantizer for BitsAndBytesConfig(load_in_4bit=True) while install() is in effect.

@@ -108,6 +108,58 @@ def test_bnb_checkpoint_loads_without_bitsandbytes(fixtures, tmp_path, installed
     assert override.model.layers[0].mlp.up_proj.compute_dtype == torch.float32
 
 
+def test_nf4config_loads_a_bnb_checkpoint_as_stored(fixtures, caplog):
+    # transformers refuses a config of another class than the checkpoint's; nf4.hf lets an
+    # Nf4Config through for bitsandbytes 4-bit checkpoints: their format, the caller's compute
+    # dtype and patch switch, and a log line for each format option it cannot honour.
+    ref = logits_fixture(fixtures)
+    with caplog.at_level("WARNING", logger="nf4.hf"):
+        model = load(fixtures / "tiny_llama_bnb4", nf4.hf.Nf4Config(quant_type="fp4", compute_dtype="float32",
+                                                                    skip_modules=["o_proj"]))
+    assert "ignoring Nf4Config's quant_type 'fp4' (stored: 'nf4')" in caplog.text
+    assert "not Nf4Config's skip_modules ['o_proj']" in caplog.text
+    assert isinstance(model.hf_quantizer, nf4.hf.Nf4HfQuantizer) and not nf4.hf.installed()
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == LINEARS  # the checkpoint's own list: o_proj is 4-bit in it
+    assert {(m.quant_state.quant_type, m.compute_dtype) for m in layers} == {("nf4", torch.float32)}
+    torch.testing.assert_close(logits(model, ref["input_ids"]).float(), ref["logits_bnb4"], atol=LOGITS_ATOL, rtol=0)
+    assert patched(load(fixtures / "tiny_llama_bnb4", nf4.hf.Nf4Config(patch=True)))
+
+
+@pytest.mark.parametrize("storage, message", [("int8", "Nf4Config does not express"), (None, "8-bit")])
+def test_nf4config_refuses_bnb_checkpoints_it_cannot_load(fixtures, tmp_path, storage, message):
+    folder = shutil.copytree(fixtures / "tiny_llama_bnb4", tmp_path / "folder")
+    config = json.loads((folder / "config.json").read_text())
+    q = config["quantization_config"]
+    if storage is None:
+        q.update(load_in_4bit=False, load_in_8bit=True, _load_in_4bit=False, _load_in_8bit=True)
+    else:
+        q["bnb_4bit_quant_storage"] = storage
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        load(folder, nf4.hf.Nf4Config())
+
+
+@pytest.mark.parametrize("how", ["install", "Nf4Config"])
+def test_save_pretrained_after_a_prequantized_load(fixtures, tmp_path, how):
+    # See Note: saving a model loaded from 4-bit bytes (transformers raised NotImplementedError).
+    try:
+        if how == "install":
+            nf4.hf.install()
+        model = load(fixtures / "tiny_llama_bnb4", nf4.hf.Nf4Config() if how == "Nf4Config" else None)
+        model.save_pretrained(tmp_path)
+    finally:
+        nf4.hf.uninstall()
+    # the checkpoint's own names and bytes back
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as ours, \
+            safe_open(str(fixtures / "tiny_llama_bnb4" / "model.safetensors"), "pt") as theirs:
+        assert set(ours.keys()) == set(theirs.keys())
+        for k in theirs.keys():
+            assert torch.equal(ours.get_tensor(k), theirs.get_tensor(k)), k
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "bitsandbytes" and saved["load_in_4bit"]
+
+
 def test_skip_modules_survive_a_round_trip(fixtures, tmp_path, installed):
     model = load(fixtures / "tiny_llama_bf16", nf4.hf.Nf4Config(skip_modules=["o_proj"]))
     kept = sorted(n for n, m in model.named_modules() if type(m) is torch.nn.Linear)
