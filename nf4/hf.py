@@ -407,8 +407,9 @@ def _register() -> None:
 
 _register()
 # Wrapped once: a reload of this module wraps transformers' own function again, not its wrapper.
-_merge = AutoHfQuantizer.merge_quantization_configs
-AutoHfQuantizer.merge_quantization_configs = _merge_configs(getattr(_merge, "_nf4_wrapped", _merge))
+_merge = getattr(AutoHfQuantizer, "merge_quantization_configs", None)
+if _merge is not None:
+    AutoHfQuantizer.merge_quantization_configs = _merge_configs(getattr(_merge, "_nf4_wrapped", _merge))
 nf4.peft.enable_if_available()
 
 # transformers' quantizer for BitsAndBytesConfig(load_in_4bit=True) while install() is in effect.
