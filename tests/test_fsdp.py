@@ -230,11 +230,15 @@ def _uneven_worker(rank: int, store_path: str, out: str, torch_version=None) -> 
                 result["weights"] = all(torch.equal(layer.dequantize(), w) for layer, w in zip(model, weights))
             results.append(result)
         torch.save(results, f"{out}.{rank}")
-        # Leave together: a rank tearing gloo down while the other still talks to it aborts
-        # ("terminate called without an active exception", seen under CPU contention).
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave without tearing gloo down: with a barrier and destroy_process_group, a rank still
+    # aborted now and then as the other closed its side ("terminate called without an active
+    # exception", SIGABRT: 2 of 6 local full-suite runs under CPU load). Both ranks passed the
+    # barrier and their results are on disk; os._exit runs no destructor.
+    os._exit(0)
 
 
 def test_uneven_shards_refused_on_the_cpu_under_torch_2_11(tmp_path):
