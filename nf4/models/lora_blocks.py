@@ -187,6 +187,28 @@ def _input_grad(x2: torch.Tensor, G: torch.Tensor, A: torch.Tensor, alpha: float
     return _cast(dx, x_dtype)
 
 
+def _down_backward(dy2: torch.Tensor, g: torch.Tensor, u: torch.Tensor, xa_d: torch.Tensor, Ad: torch.Tensor,
+                   Bd: torch.Tensor, down: Projection, act: int, c: torch.dtype, need_dA: bool, need_dB: bool,
+                   A_dtype: torch.dtype, B_dtype: torch.dtype):
+    """Both MLP blocks' backward from dy to dgate, dup: (dA_down, dB_down), with dgate and dup
+    written over ``g`` and ``u`` (gate and up, [T, intermediate]). dB_down comes from the saved
+    h A_down^T; dh = dy (s B_d A_d + W_d), in one buffer; then act(gate) * up over dh for dA_down.
+
+    Kept (not recomputed) gate and up are overwritten too: the saved tensors cannot be freed
+    before backward returns, and a second copy would hold 2 more [T, intermediate] buffers, as many
+    as the layers' backward. A second backward through the same graph (retain_graph) then fails
+    autograd's check of the saved tensors' versions instead of reading them."""
+    g_d = dy2 @ Bd                                                          # [T, rd]
+    dB_down = scaled_mm(dy2.t(), xa_d, down.scale, Bd, B_dtype) if need_dB else None
+    dh = torch.addmm(g, g_d, Ad, beta=0, alpha=down.scale)                 # g lends its shape
+    W = _fresh(down).dequantize(c)
+    dh.addmm_(dy2, W)
+    del W
+    glu_backward_with_output(dh, g, u, act, g, u)                          # dh now holds h
+    dA_down = scaled_mm(g_d.t(), dh, down.scale, Ad, A_dtype) if need_dA else None
+    return dA_down, dB_down
+
+
 class LoraMLP(torch.autograd.Function):
     """``down(act(gate(x)) * up(x))`` with the three adapters; See Note: what the MLP block keeps.
 
@@ -225,28 +247,16 @@ class LoraMLP(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dy2 = _cast(dy, c)
         xa_g, xa_u = xa_gu.split(ranks, 1)
-        # The down projection's adapter: dB_down from the saved h A_down^T, dh's adapter share.
-        g_d = dy2 @ Bd                                                      # [T, rd]
-        dB_down = scaled_mm(dy2.t(), xa_d, down.scale, Bd, B_dtypes[2]) if needs[6] else None
         if g is None:  # See Note: what the MLP block keeps.
             g = adapted_matmul(x2, _cast(gate.bias, c), xa_g, Bg, _fresh(gate), gate.scale, c)
             u = adapted_matmul(x2, _cast(up.bias, c), xa_u, Bu, _fresh(up), up.scale, c)
         else:  # the kernel's writes below bypass autograd's version counters: bumped here
             for t in (g, u):
                 torch.autograd.graph.increment_version(t)
-        dh = torch.addmm(g, g_d, Ad, beta=0, alpha=down.scale)             # g lends its shape
-        W = _fresh(down).dequantize(c)
-        dh.addmm_(dy2, W)
-        del W
-        # dgate and dup written over gate and up, act(gate) * up over dh. Kept (not recomputed)
-        # gate and up are overwritten too: the saved tensors cannot be freed before backward
-        # returns, and a second copy would hold 2 more [T, intermediate] buffers, as many as the
-        # layers' backward. A second backward through the same graph (retain_graph) then fails
-        # autograd's check of the saved tensors' versions instead of reading them.
-        glu_backward_with_output(dh, g, u, act, g, u)
-        dgate, dup, h = g, u, dh
-        dA_down = scaled_mm(g_d.t(), h, down.scale, Ad, A_dtypes[2]) if needs[5] else None
-        del h, dh, g, u
+        dA_down, dB_down = _down_backward(dy2, g, u, xa_d, Ad, Bd, down, act, c, needs[5], needs[6],
+                                          A_dtypes[2], B_dtypes[2])
+        dgate, dup = g, u
+        del g, u
         dB_gate = scaled_mm(dgate.t(), xa_g, gate.scale, Bg, B_dtypes[0]) if needs[2] else None
         dB_up = scaled_mm(dup.t(), xa_u, up.scale, Bu, B_dtypes[1]) if needs[4] else None
         dx = dA_gate = dA_up = None
@@ -295,23 +305,15 @@ class LoraGateUpMLP(torch.autograd.Function):
         gate_up, down, act, c, x_dtype, A_dtypes, B_dtypes = ctx.meta
         needs = ctx.needs_input_grad
         dy2 = _cast(dy, c)
-        g_d = dy2 @ Bd                                                      # [T, rd]
-        dB_down = scaled_mm(dy2.t(), xa_d, down.scale, Bd, B_dtypes[1]) if needs[4] else None
         if gu is None:  # See Note: what the MLP block keeps.
             gu = adapted_matmul(x2, _cast(gate_up.bias, c), xa, B, _fresh(gate_up), gate_up.scale, c)
         else:  # the kernel's writes below bypass autograd's version counters: bumped here
             torch.autograd.graph.increment_version(gu)
         width = gu.shape[1] // 2
-        g, u = gu[:, :width], gu[:, width:]
-        dh = torch.addmm(g, g_d, Ad, beta=0, alpha=down.scale)             # g lends its shape
-        W = _fresh(down).dequantize(c)
-        dh.addmm_(dy2, W)
-        del W
-        # dgate and dup over gate and up (so gu becomes d(gate_up)), act(gate) * up over dh.
-        glu_backward_with_output(dh, g, u, act, g, u)
-        dgu, h = gu, dh
-        dA_down = scaled_mm(g_d.t(), h, down.scale, Ad, A_dtypes[1]) if needs[3] else None
-        del h, dh, g, u
+        # dgate and dup land in gu's halves: gu becomes d(gate_up).
+        dA_down, dB_down = _down_backward(dy2, gu[:, :width], gu[:, width:], xa_d, Ad, Bd, down, act, c,
+                                          needs[3], needs[4], A_dtypes[1], B_dtypes[1])
+        dgu = gu
         dB_gu = scaled_mm(dgu.t(), xa, gate_up.scale, B, B_dtypes[0]) if needs[2] else None
         dx = dA_gu = None
         if needs[0] or needs[1]:
