@@ -160,24 +160,24 @@ def patch_attention(model: nn.Module, class_suffix: str, extras: AttentionExtras
 
 
 # ------------------------------------------------------------------------------- MLP
-def _swiglu_mlp_forward(self, x):
-    if not kernels_run_on(x.device):
-        return self._nf4_unpatched_forward(x)
-    if getattr(self, "_nf4_fused_lora", False):  # one fused block when the projections allow it
-        y = lora_blocks.mlp(self, x, lora_blocks.SWIGLU, self._nf4_lora_recompute)
-        if y is not None:
-            return y
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-
-
-def _geglu_mlp_forward(self, x):
+def _gated_mlp(self, x, act: int, glu: Callable):
+    """``down(glu(gate(x), up(x)))``: one fused block with the adapters when the projections allow
+    it (``lora_blocks.mlp``), else the layers and the GLU kernel."""
     if not kernels_run_on(x.device):
         return self._nf4_unpatched_forward(x)
     if getattr(self, "_nf4_fused_lora", False):
-        y = lora_blocks.mlp(self, x, lora_blocks.GEGLU, self._nf4_lora_recompute)
+        y = lora_blocks.mlp(self, x, act, self._nf4_lora_recompute)
         if y is not None:
             return y
-    return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj(glu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _swiglu_mlp_forward(self, x):
+    return _gated_mlp(self, x, lora_blocks.SWIGLU, swiglu)
+
+
+def _geglu_mlp_forward(self, x):
+    return _gated_mlp(self, x, lora_blocks.GEGLU, geglu)
 
 
 def _fused_swiglu_mlp_forward(self, x):  # Phi-3: gate_up_proj, gate first
