@@ -65,9 +65,9 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
         quant_storage: dtype the packed bytes are viewed as (uint8, or e.g. bfloat16 for FSDP).
         check_finite: refuse NaN and Inf with a ValueError (one reduction and a device sync). An
             Inf makes its block's absmax Inf and the whole block decode to NaN; a NaN does the
-            same on the CPU and is dropped by the GPU kernels' max. nf4 refuses such weights everywhere (this function,
-            ``QuantLinear4bit``, ``quantize_model``, ``from_pretrained``). Pass False only where
-            the caller has checked already (the loader batches its checks).
+            same on the CPU and is dropped by the GPU kernels' max. nf4 refuses such weights
+            everywhere (this function, ``QuantLinear4bit``, ``quantize_model``, ``from_pretrained``).
+            Pass False only where the caller has checked already (the loader batches its checks).
 
     Returns:
         ``(packed, quant_state)`` with packed of shape ``[ceil(n/2) / itemsize, 1]``.
